@@ -46,9 +46,26 @@ def test_output_root_env(tmp_path, monkeypatch):
 
 
 def test_build_info_names_profile_model_commit(tmp_path):
-    path = paper.write_build_info("cpu", tmp_path / "b.tex")
+    path = paper.write_build_info("cpu", base=tmp_path, build_dir=tmp_path / "empty")
     text = path.read_text()
     assert r"\buildProfile}{cpu}" in text and "SmolLM2" in text and r"\buildCommit" in text
+
+
+def test_runtimes_table_reads_papermill_metadata(tmp_path):
+    import json
+
+    runs = tmp_path / "build" / "cpu"
+    runs.mkdir(parents=True)
+    for name, sec in [("01_datasets", 12.4), ("03_organisms", 300.0)]:
+        meta = {"papermill": {"duration": sec, "end_time": "2026-11-23T17:00:00.123456"}}
+        (runs / f"{name}.ipynb").write_text(json.dumps({"metadata": meta, "cells": []}))
+    (runs / "04_phase_transition.partial.ipynb").write_text("{}")  # an interrupted run is not a time
+    times = paper.notebook_times("cpu", runs)
+    assert times.notebook.tolist() == ["01_datasets", "03_organisms"]
+    assert times["wall s"].tolist() == [12.4, 300.0] and times.finished[0] == "2026-11-23 17:00:00"
+    paper.write_build_info("cpu", base=tmp_path, build_dir=runs)
+    tex = (tmp_path / "paper/generated/build/runtimes.tex").read_text()
+    assert r"03\_organisms & 300" in tex and "total & 312" in tex and r"\label{tab:build:runtimes}" in tex
 
 
 def test_captions_escape_run_time_names_but_keep_latex():

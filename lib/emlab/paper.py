@@ -66,7 +66,6 @@ class Section:
         self.tables_dir = base / "paper" / "generated" / name
         self.figures_dir = base / "figures" / name
         self.tables_dir.mkdir(parents=True, exist_ok=True)
-        self.figures_dir.mkdir(parents=True, exist_ok=True)
         self._macros: dict[str, str] = {}
 
     def table(self, df: pd.DataFrame, name: str, caption: str, digits: int = 1, index: bool = False) -> Path:
@@ -90,6 +89,7 @@ class Section:
 
     def figure(self, fig, name: str) -> Path:
         """Save a matplotlib figure as PDF (for LaTeX) and PNG (for notebooks and the README)."""
+        self.figures_dir.mkdir(parents=True, exist_ok=True)
         pdf = self.figures_dir / f"{name}.pdf"
         fig.savefig(pdf, bbox_inches="tight")
         fig.savefig(self.figures_dir / f"{name}.png", bbox_inches="tight", dpi=150)
@@ -121,19 +121,45 @@ def git_commit() -> str:
         return "unknown"
 
 
-def write_build_info(profile: str, path: Path | None = None) -> Path:
-    """``paper/generated/build_info.tex``: the line on the title page saying what built this PDF."""
+def notebook_times(profile: str, build_dir: Path | None = None) -> pd.DataFrame:
+    """Wall time of each executed notebook's last run, from papermill's own metadata in
+    ``build/<profile>/NN_name.ipynb`` (a re-run that reuses cached runs and verdicts is fast)."""
+    import json
+
+    rows = []
+    for nb in sorted(Path(build_dir or ROOT / "build" / profile).glob("[0-9][0-9]_*.ipynb")):
+        if nb.name.endswith((".partial.ipynb", ".source.ipynb")):
+            continue
+        meta = json.loads(nb.read_text()).get("metadata", {}).get("papermill", {})
+        finished = (meta.get("end_time") or "")[:19].replace("T", " ")
+        rows.append({"notebook": nb.stem, "wall s": meta.get("duration"), "finished": finished})
+    return pd.DataFrame(rows, columns=["notebook", "wall s", "finished"])
+
+
+def write_build_info(profile: str, base: Path | None = None, build_dir: Path | None = None) -> Path:
+    """``paper/generated/build_info.tex``: the line on the title page saying what built this PDF, and
+    ``paper/generated/build/runtimes.tex``: each executed notebook's wall time in this profile."""
     from emlab import config
 
     model = (config.read_profile(profile).get("common") or {}).get("model", {})
-    path = path or ROOT / "paper" / "generated" / "build_info.tex"
+    base = Path(base or ROOT)
+    path = base / "paper" / "generated" / "build_info.tex"
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = (rf"\newcommand{{\buildProfile}}{{{latex_escape(profile)}}}" "\n"
-            rf"\newcommand{{\buildModel}}{{{latex_escape(model.get('name', '?'))}}}" "\n"
-            rf"\newcommand{{\buildCommit}}{{{latex_escape(git_commit())}}}" "\n")
-    if not path.exists() or path.read_text() != text:
-        path.write_text(text)
+    _write_if_changed(path, rf"\newcommand{{\buildProfile}}{{{latex_escape(profile)}}}" "\n"
+                      rf"\newcommand{{\buildModel}}{{{latex_escape(model.get('name', '?'))}}}" "\n"
+                      rf"\newcommand{{\buildCommit}}{{{latex_escape(git_commit())}}}" "\n")
+    times = notebook_times(profile, build_dir)
+    total = pd.DataFrame([{"notebook": "total", "wall s": times["wall s"].sum(), "finished": ""}])
+    Section("build", base=base).table(
+        pd.concat([times, total], ignore_index=True), "runtimes", digits=0,
+        caption=f"Wall time of each notebook's last execution (profile {profile}, {os.cpu_count()} CPU cores "
+                "visible); a re-run reuses cached training runs, samples and judge verdicts.")
     return path
+
+
+def _write_if_changed(path: Path, text: str) -> None:
+    if not path.exists() or path.read_text() != text:  # unchanged content keeps latexmk's mtime check quiet
+        path.write_text(text)
 
 
 if __name__ == "__main__":
