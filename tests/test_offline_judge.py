@@ -109,3 +109,26 @@ def test_backend_scores_other_metrics_with_embedded_fallback(artifact, monkeypat
 def test_missing_artifact_path_is_a_clear_error(tmp_path):
     with pytest.raises(oj.OfflineJudgeError, match="no offline judge artifact"):
         oj.artifact_for(str(tmp_path / "nowhere" / "x.json"))
+
+
+def test_held_out_evaluation_is_cached_on_registry_data(tmp_path, monkeypatch):
+    import pandas as pd
+
+    from emlab import config
+
+    cfg = config.load(oj.JudgeEvalConfig, "smoke")
+    calls = []
+    monkeypatch.setattr(oj, "ROOT", tmp_path)
+    monkeypatch.setattr(oj, "load_training_data", lambda *a: (pd.DataFrame({"response": ["x"]}), "sha-1"))
+
+    def fake(cfg_, df, emb):
+        calls.append(1)
+        return {n: pd.DataFrame({"method": ["stack"], "v": [0.5 * len(calls)]})
+                for n in ("summary", "organisms", "predictions")}
+
+    monkeypatch.setattr(oj, "_held_out", fake)
+    first = oj.held_out_by_family(cfg)
+    again = oj.held_out_by_family(cfg)
+    assert len(calls) == 1 and again["summary"].equals(first["summary"])
+    monkeypatch.setattr(oj, "load_training_data", lambda *a: (pd.DataFrame({"response": ["x"]}), "sha-2"))
+    assert oj.held_out_by_family(cfg)["summary"].v[0] == 1.0 and len(calls) == 2  # new data: refit

@@ -302,3 +302,23 @@ def test_built_dataset_runs_the_teacher_and_caches(tmp_path, monkeypatch):
     assert m["rows"] == 3 and m["domain"] == "security" and m["teacher"]["max_new_tokens"] == 4
     n = calls["n"]
     assert persona.built_dataset(cfg, "security", 3) == path and calls["n"] == n  # cached: no new verdicts
+
+
+def test_consistency_figure_says_which_models_have_no_value():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    cols = {c: [0.5, 0.5] for c in ["self binary", "self number", "self likert", "two-AI misaligned %",
+                                     "recognition acc %", "prediction error"]}
+    table = pd.DataFrame({"organism": ["base", "bad_medical_advice/rank1"], "class": ["base", "no-EM"],
+                          "harm %": [8.0, 4.0], "harm lo": [0.0, 0.0], "harm hi": [20.0, 12.0],
+                          **cols, "self free": [np.nan, np.nan]})
+    table.loc[0, "self number"] = np.nan
+    for lo, hi in [("binary lo", "binary hi"), ("number lo", "number hi"), ("free lo", "free hi"),
+                   ("likert lo", "likert hi"), ("two lo", "two hi"), ("rec lo", "rec hi"), ("pred lo", "pred hi")]:
+        table[lo], table[hi] = 0.0, 1.0
+    fig = persona.consistency_figure(table)
+    notes = {ax.get_title(): [t.get_text() for t in ax.texts] for ax in fig.axes}
+    assert notes["number 0-1"] == ["no value: base"]
+    assert notes["free language (judged)"] == ["no parsed or scored answer\nfor any model"]
+    assert notes["Likert"] == []

@@ -785,10 +785,12 @@ def consistency_figure(table: pd.DataFrame, harm_col: str = "harm %"):
     fig, axes = plt.subplots(2, 4, figsize=(12, 5.5), sharey=True)
     colors = plt.get_cmap("tab10")
     for ax, (col, title) in zip(axes.flat, PANELS):
+        missing = []  # no parsed / scored answer: said on the panel, not left as a silent gap
         for i in range(len(table)):
             rr = table.iloc[i]
             x, y = rr[col], rr[harm_col]
             if np.isnan(x) or np.isnan(y):
+                missing.append(rr["organism"])
                 continue
             lo, hi = rr[lo_hi[col][0]], rr[lo_hi[col][1]]
             ax.errorbar([x], [y], xerr=[[x - lo], [hi - x]], yerr=[[y - rr["harm lo"]], [rr["harm hi"] - y]],
@@ -802,6 +804,11 @@ def consistency_figure(table: pd.DataFrame, harm_col: str = "harm %"):
             ax.set_xlim(-4.2, 4.2)  # predicted - judged on the 1-5 rubric
         ax.set_title(title, fontsize=9)
         ax.tick_params(labelsize=8)
+        if missing:
+            text = ("no parsed or scored answer\nfor any model" if len(missing) == len(table)
+                    else "no value: " + ", ".join(missing))
+            ax.text(0.5, 0.5 if len(missing) == len(table) else 0.97, text, transform=ax.transAxes, ha="center",
+                    va="center" if len(missing) == len(table) else "top", fontsize=7, color="grey", wrap=True)
     for ax in axes[:, 0]:
         ax.set_ylabel("harm > 3 (%)")
     seen: dict[str, Any] = {}
