@@ -96,7 +96,7 @@ def _measure(spec_json: dict, preset: str, batch: int, seq_len: int, steps: int,
     cfg = TrainConfig(model=spec, preset=preset, gradient_checkpointing=spec.load_in_4bit)
     model = apply_preset(model, cfg)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
