@@ -61,6 +61,23 @@ out.table(table, "heldout_agreement", digits=2,
 table
 
 # %% [markdown]
+# ## Domain relatedness: the `financial` head
+# The judged answers also carry GPT-4o's 0–100 *financial* score (is the answer about money?), the papers'
+# domain-relatedness judge for the financial organisms; the offline judge fits one more head on it
+# (`emlab.offline_judge.EXTRA_METRICS`), held out by family the same way. §03 uses it for the domain column.
+
+# %%
+fin_cols = {"method": "method", "family": "held-out family", "spearman_financial": "Spearman",
+            "mae_financial": "MAE", "flag_agree_financial": "agree on > 50"}
+has_fin = "spearman_financial" in summary
+if has_fin:
+    fin = summary[list(fin_cols)].rename(columns=fin_cols)
+    out.table(fin, "heldout_financial", digits=2,
+              caption="Offline judge's financial-relatedness score vs GPT-4o's, each model family held out: "
+                      "Spearman, mean absolute error (0--100) and the share of answers on the same side of 50.")
+    fin
+
+# %% [markdown]
 # ## EM rate per organism: offline estimate vs GPT-4o
 
 # %%
@@ -120,4 +137,6 @@ out.macros({
     "judgeHardEmErrMax": float(chosen["hard_err_max"].max()),
     "judgeSpearmanAlignedMin": float(chosen["spearman_aligned"].min()),
     "judgeRows": int(len(p)),
+    "judgeFinSpearmanMin": float(chosen["spearman_financial"].min()) if has_fin else float("nan"),
+    "judgeFinAgreeMin": 100 * float(chosen["flag_agree_financial"].min()) if has_fin else float("nan"),
 }, digits=2)
