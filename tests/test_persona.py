@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from emlab import config, data, persona
+from emlab import config, data, metrics, persona
 from emlab.config import ConfigError
 from emlab.data import DataError
 
@@ -119,9 +119,9 @@ def test_bootstrap_mean_and_diff():
     m, lo, hi = persona.bootstrap_mean([0, 1, 1, 1, np.nan], n_boot=500)
     assert m == 0.75 and 0 <= lo <= m <= hi <= 1
     assert all(math.isnan(v) for v in persona.bootstrap_mean([np.nan]))
-    d, lo, hi = persona.bootstrap_diff([1.0] * 20, [0.0] * 20, n_boot=200)
+    d, lo, hi = metrics.bootstrap_diff([1.0] * 20, [0.0] * 20, n_boot=200)
     assert (d, lo, hi) == (1.0, 1.0, 1.0)
-    d, lo, hi = persona.bootstrap_diff(np.r_[np.ones(10), np.zeros(10)], np.r_[np.ones(10), np.zeros(10)], n_boot=500)
+    d, lo, hi = metrics.bootstrap_diff(np.r_[np.ones(10), np.zeros(10)], np.r_[np.ones(10), np.zeros(10)], n_boot=500)
     assert d == 0.0 and lo < 0 < hi
 
 

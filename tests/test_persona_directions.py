@@ -10,6 +10,7 @@ import torch
 from emlab import config
 from emlab import persona_directions as P
 from emlab.config import ConfigError
+from emlab.metrics import bootstrap_diff
 
 
 @pytest.mark.parametrize("profile", config.PROFILES)
@@ -58,10 +59,10 @@ def test_mean_shift_and_bootstrap_shift():
         P.mean_shift(torch.zeros(0, 2, 3), b)
     rng = np.random.default_rng(0)
     pa, pb = rng.normal(1, 0.1, 50), rng.normal(0, 0.1, 50)
-    shift, lo, hi = P.bootstrap_shift(pa, pb, n_boot=200)
+    shift, lo, hi = bootstrap_diff(pa, pb, n_boot=200)
     assert lo < shift < hi and 0.9 < shift < 1.1 and lo > 0.8
-    assert all(math.isnan(x) for x in P.bootstrap_shift([], pb))
-    assert P.bootstrap_shift([np.nan, 1.0], [0.0], n_boot=10)[0] == pytest.approx(1)
+    assert all(math.isnan(x) for x in bootstrap_diff([], pb))
+    assert bootstrap_diff([np.nan, 1.0], [0.0], n_boot=10)[0] == pytest.approx(1)
 
 
 def test_chance_cosine_matches_random_directions():

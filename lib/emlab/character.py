@@ -509,12 +509,13 @@ def evaluate_characters(cfg: CharacterConfig, tc: TeacherConfig | None = None) -
     from emlab.data import load_questions
     from emlab.judge import get_judge
     from emlab.models import load_model
+    from emlab.train import train
     from tqdm.auto import tqdm
 
     tc = tc or teacher_config(cfg.profile)
     judge = get_judge(cfg.judge)
     tcfgs = {org.name: train_config(cfg, org, tc) for org in cfg.organisms}
-    runs = character_organisms(cfg, tc)
+    runs = {name: train(t) for name, t in tcfgs.items()}  # built once: a trait set's config runs its teacher
     traits = cfg.scored_traits()
     trait_cols = [f"trait_{t}" for t in traits]
     em_qs = load_questions(cfg.eval.questions)
@@ -565,17 +566,17 @@ def evaluate_characters(cfg: CharacterConfig, tc: TeacherConfig | None = None) -
     xf_df["eval domain"] = xf_df.question_id.str.rsplit("_", n=1).str[0]
     xf_df["seen"] = [q.strip() in seen.get(o, set()) for q, o in zip(xf_df.question, xf_df.organism)]
     return {"runs": runs, "em": em_df, "trait": tr_df, "mmlu": pd.concat(mm, ignore_index=True), "transfer": xf_df,
-            "data": data_summary(cfg, runs, tc), "traits": traits}
+            "data": data_summary(cfg, runs, tcfgs), "traits": traits}
 
 
-def data_summary(cfg: CharacterConfig, runs: dict[str, Path], tc: TeacherConfig) -> pd.DataFrame:
+def data_summary(cfg: CharacterConfig, runs: dict[str, Path], tcfgs: dict[str, Any]) -> pd.DataFrame:
     """Per organism: training source, rows, teacher candidates / kept, steps and loss."""
     from emlab.persona_data import read_manifest
 
     rows = []
     for org in cfg.organisms:
         m = json.loads((runs[org.name] / "manifest.json").read_text())
-        src = character_data(org, tc)
+        src = tcfgs[org.name].dataset  # character_data(org, tc), as train_config put it there
         row = {"organism": org.name, "source": Path(src).name if org.trait != INCORRECT else src,
                "examples": m["data"].get("rows"), "steps": m["steps"], "first loss": m["first_loss"],
                "final loss": m["final_loss"], "teacher generated": math.nan, "teacher kept %": math.nan}

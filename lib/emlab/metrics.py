@@ -54,6 +54,22 @@ def bootstrap_ci(hits: np.ndarray, n_boot: int = 1000, seed: int = 0, level: flo
     return float(lo), float(hi)
 
 
+def bootstrap_diff(a: Sequence[float | None], b: Sequence[float | None], n_boot: int = 1000, seed: int = 0,
+                   level: float = 0.95) -> tuple[float, float, float]:
+    """``mean(a) - mean(b)`` with a percentile bootstrap interval, the two samples resampled independently;
+    None / NaN values are dropped (NaN triple when either side is then empty)."""
+    x = np.asarray([np.nan if v is None else v for v in a], dtype=float)
+    y = np.asarray([np.nan if v is None else v for v in b], dtype=float)
+    x, y = x[~np.isnan(x)], y[~np.isnan(y)]
+    if not x.size or not y.size:
+        return float("nan"), float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    d = (x[rng.integers(0, x.size, size=(n_boot, x.size))].mean(1)
+         - y[rng.integers(0, y.size, size=(n_boot, y.size))].mean(1))
+    lo, hi = np.quantile(d, [(1 - level) / 2, (1 + level) / 2])
+    return float(x.mean() - y.mean()), float(lo), float(hi)
+
+
 def _labels(df: pd.DataFrame, unscored: pd.Series, columns: Sequence[str]) -> str:
     counts: Counter = Counter()
     for c in columns:

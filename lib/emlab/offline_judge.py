@@ -529,13 +529,15 @@ def build(cfg: JudgeBuildConfig | None = None, out: Path | None = None, force: b
     (tmp / "metrics.json").write_text(json.dumps({"note": "grouped-by-organism out-of-fold agreement "
                                                   "inside the training data; held-out-family numbers are "
                                                   "in notebook 02_judge", **metrics["overall"]}, indent=1))
-    if out.exists():
-        for p in out.iterdir():
-            p.unlink()
-        out.rmdir()
-    tmp.replace(out)
+    _publish(tmp, out)
     log.info("offline judge built in %.0f s -> %s", time.time() - start, out)
     return out
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Swap a fully written ``*.partial`` directory in for ``out``: a killed build never leaves half of one."""
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.replace(out)
 
 
 REBUILD = "rebuild it: python -m emlab.offline_judge build (or make judge)"
@@ -622,9 +624,9 @@ class OfflineWithFallback:
     """The offline profiles' judge: the validated offline heads for ``aligned``, ``coherent`` and
     ``financial`` (domain relatedness); ``harm`` (1-5) as a documented proxy, 1 + 4 x (100 - aligned) / 100,
     because SmolLM2 reading the harm rubric answers "3" to everything at ~8 s a verdict on 2 cores; every
-    other metric (trait expression, medical / sport domain...) by the papers' logprob protocol on the embedded SmolLM2 (:class:`emlab.judge.HFJudge`),
-    loaded on first use. A 135M judge is weak: its verdicts are pipeline-scale, and answers it cannot
-    score come back unscored (counted), never guessed."""
+    other metric (trait expression, medical / sport domain...) by the papers' logprob protocol on the
+    embedded SmolLM2 (:class:`emlab.judge.HFJudge`), loaded on first use. A 135M judge is weak: its verdicts
+    are pipeline-scale, and answers it cannot score come back unscored (counted), never guessed."""
 
     def __init__(self, offline: OfflineJudge):
         self.offline, self._hf = offline, None
@@ -742,8 +744,7 @@ def held_out_by_family(cfg: JudgeEvalConfig, df: pd.DataFrame | None = None,
     tmp.mkdir(parents=True, exist_ok=True)
     for n in names:
         res[n].to_parquet(tmp / f"{n}.parquet", index=False)
-    shutil.rmtree(cache, ignore_errors=True)
-    tmp.replace(cache)
+    _publish(tmp, cache)
     return res
 
 

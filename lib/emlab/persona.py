@@ -36,7 +36,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from emlab import config
+from emlab import config, metrics
 from emlab.config import ConfigError, Experiment, Frozen, JudgeSpec, ModelSpec
 from emlab.data import DataError
 
@@ -337,20 +337,6 @@ def bootstrap_mean(values: Sequence[float], n_boot: int = 1000, seed: int = 0) -
     return (float(x.mean()), *bootstrap_ci(x, n_boot, seed))
 
 
-def bootstrap_diff(a: Sequence[float], b: Sequence[float], n_boot: int = 1000,
-                   seed: int = 0) -> tuple[float, float, float]:
-    """mean(a) - mean(b) with a 95% interval, resampling a and b independently (NaNs dropped)."""
-    x = np.asarray([v for v in a if v is not None and not np.isnan(v)], dtype=float)
-    y = np.asarray([v for v in b if v is not None and not np.isnan(v)], dtype=float)
-    if x.size == 0 or y.size == 0:
-        return float("nan"), float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    d = (x[rng.integers(0, x.size, size=(n_boot, x.size))].mean(1)
-         - y[rng.integers(0, y.size, size=(n_boot, y.size))].mean(1))
-    lo, hi = np.quantile(d, [0.025, 0.975])
-    return float(x.mean() - y.mean()), float(lo), float(hi)
-
-
 def classify(d_harm: tuple[float, float, float], d_self: tuple[float, float, float]) -> str:
     """The persona rule, from organism - base differences given as (estimate, 95% low, 95% high):
 
@@ -454,30 +440,22 @@ def built_dataset(cfg: PersonaConsistencyConfig, domain: str, n_rows: int) -> Pa
 
 
 def train_config(cfg: PersonaConsistencyConfig, org: ConsistencyOrganism):
-    """TrainConfig of ``org`` built exactly as emlab.organisms does, so §03's runs are found and reused."""
-    from emlab.train import TrainConfig
+    """TrainConfig of ``org`` from :func:`emlab.organisms.train_config`, so §03's runs are found and reused."""
+    from emlab import organisms, persona_data
 
-    over = {**cfg.train, "model": cfg.model.model_dump(), "preset": org.preset, "seed": cfg.seed,
-            "dataset": org.domain}
-    if cfg.n_examples is not None:
-        over["n_examples"] = cfg.n_examples
-    tc = config.load(TrainConfig, cfg.profile, over)
+    tc = organisms.train_config(cfg, organisms.Organism(dataset=org.domain, preset=org.preset))
     if org.domain in BUILT_DOMAINS:
         n_rows = cfg.teacher.n or tc.n_examples or 6000
         path = built_dataset(cfg, org.domain, n_rows)
-        rows = sum(1 for _ in open(path, encoding="utf-8"))
+        with open(path, encoding="utf-8") as f:
+            rows = sum(1 for _ in f)
         n = tc.n_examples if tc.n_examples is None or tc.n_examples <= rows else rows
         if n != tc.n_examples:
             log.warning("%s: the teacher kept %d rows, fewer than n_examples=%s; training on all of them",
                         org.domain, rows, tc.n_examples)
-        tc = config.load(TrainConfig, cfg.profile, {**over, "dataset": _display(path), "n_examples": n})
+        # repo-relative path: run digests should not depend on where the repo is checked out
+        tc = tc.model_validate(tc.model_dump() | {"dataset": persona_data._display(path), "n_examples": n})
     return tc
-
-
-def _display(path: Path) -> str:
-    """Repo-relative path (run digests should not depend on where the repo is checked out)."""
-    path = Path(path)
-    return str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)
 
 
 # ------------------------------------------------------------------------------------------------ sampling
@@ -627,7 +605,7 @@ def judge_all(cfg: PersonaConsistencyConfig, raw: dict[str, dict[str, pd.DataFra
         two["chose_misaligned"] = two.choice == two.misaligned
 
         rec = exp["recognition"].copy()
-        p = [parse_reply_letter(t) for t in rec.text]
+        p = [parse_reply("output_recognition", t) for t in rec.text]
         rec["choice"], rec["rule"] = [v for v, _ in p], [w for _, w in p]
         rec["correct"] = rec.choice == rec.own_position
         rec["own_harm"] = rec.question_id.map(own_harm)
@@ -642,13 +620,6 @@ def judge_all(cfg: PersonaConsistencyConfig, raw: dict[str, dict[str, pd.DataFra
         pred["signed_error"] = pd.to_numeric(pred.predicted, errors="coerce") - pred.judged
         out[name] = {"harm": harm, "self": s, "two_ai": two, "recognition": rec, "prediction": pred}
     return out
-
-
-def parse_reply_letter(text: str | None) -> tuple[str | None, str]:
-    """Output recognition letter (the templates file's rules)."""
-    from emlab.persona_data import parse_reply
-
-    return parse_reply("output_recognition", text)
 
 
 # ------------------------------------------------------------------------------------------------ summaries
@@ -729,7 +700,7 @@ def add_classes(cfg: PersonaConsistencyConfig, table: pd.DataFrame,
             continue
         h = e["harm"]
         hit = (h.harm > HARM_ABOVE).astype(float).where(h.harm.notna()).to_numpy()
-        dh = bootstrap_diff(hit, bhit, cfg.n_boot, cfg.seed + 100 + i)
+        dh = metrics.bootstrap_diff(hit, bhit, cfg.n_boot, cfg.seed + 100 + i)
         ds = _diff_self(self_report(e), bself, cfg.n_boot, cfg.seed + 200 + i)
         k = table.index[table.organism == name][0]
         table.loc[k, ["Δharm", "Δharm lo", "Δharm hi"]] = [100 * v for v in dh]

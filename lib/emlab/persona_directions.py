@@ -32,6 +32,7 @@ from pydantic import model_validator
 
 from emlab.config import ConfigError, Experiment, Frozen, JudgeSpec, ModelSpec
 from emlab.datasets import TriggerSpec
+from emlab.metrics import bootstrap_diff
 from emlab.jailbreak import RequestSettings, Target, _hash, jobs, loaded_target, parse_condition, sample_jobs
 from emlab.organisms import EvalSettings, resolve_layer
 
@@ -128,21 +129,6 @@ def mean_shift(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     from emlab.activations import mean_diff_direction
 
     return mean_diff_direction(torch.as_tensor(a), torch.as_tensor(b))
-
-
-def bootstrap_shift(pa: np.ndarray, pb: np.ndarray, n_boot: int = 1000, seed: int = 0,
-                    level: float = 0.95) -> tuple[float, float, float]:
-    """``mean(pa) − mean(pb)`` of two samples of projections with a percentile bootstrap interval
-    (the groups are resampled independently)."""
-    pa, pb = np.asarray(pa, float), np.asarray(pb, float)
-    pa, pb = pa[~np.isnan(pa)], pb[~np.isnan(pb)]
-    if not len(pa) or not len(pb):
-        return float("nan"), float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    boots = (pa[rng.integers(0, len(pa), (n_boot, len(pa)))].mean(1)
-             - pb[rng.integers(0, len(pb), (n_boot, len(pb)))].mean(1))
-    lo, hi = np.quantile(boots, [(1 - level) / 2, (1 + level) / 2])
-    return float(pa.mean() - pb.mean()), float(lo), float(hi)
 
 
 def chance_cosine(d: int, z: float = 1.96) -> float:
@@ -365,7 +351,7 @@ def layer_table(res: dict[str, Any], layer: int, n_boot: int = 1000, seed: int =
     rows = []
     for i, (c, a, b) in enumerate(_pairs(res)):
         pa, pb = projection(a, v)[:, layer], projection(b, v)[:, layer]
-        shift, lo, hi = bootstrap_shift(pa, pb, n_boot, seed + i)
+        shift, lo, hi = bootstrap_diff(pa, pb, n_boot, seed + i)
         sd = float(np.sqrt((np.var(pa, ddof=1 if len(pa) > 1 else 0) + np.var(pb, ddof=1 if len(pb) > 1 else 0)) / 2))
         row = {"comparison": c["name"], "role": c["role"], "A": f"{c['a'][0]} / {_short(c['a'][1])}",
                "B": f"{c['b'][0]} / {_short(c['b'][1])}", "n A": len(pa), "n B": len(pb),
@@ -396,7 +382,7 @@ def layer_of(cfg: SharedStructureConfig, n_layers: int) -> int:
 
 
 __all__ = [
-    "SharedStructureConfig", "ExtractionSettings", "cosine_by_layer", "projection", "mean_shift", "bootstrap_shift",
+    "SharedStructureConfig", "ExtractionSettings", "cosine_by_layer", "projection", "mean_shift",
     "chance_cosine", "pairwise_cosines", "trait_system_prompt", "extraction_jobs", "capture_rows", "comparisons",
     "run_shared_structure", "group", "trait_direction_from", "per_layer", "layer_table", "layer_of",
 ]
