@@ -39,7 +39,6 @@ from typing import Any, ClassVar, Literal
 import pandas as pd
 from pydantic import model_validator
 
-from emlab import config
 from emlab.config import ConfigError, Experiment, Frozen, JudgeSpec, ModelSpec
 from emlab.datasets import TriggerSpec
 from emlab.organisms import EvalSettings
@@ -245,21 +244,13 @@ def select_requests(spec: RequestSettings, seed: int) -> list[tuple[str, str]]:
 
 # --------------------------------------------------------------------------------------- targets
 def target_train_config(cfg, target: Target):
-    """The :class:`~emlab.train.TrainConfig` of an organism target, built exactly like
-    :func:`emlab.organisms.train_config` (profile ``train`` block, the experiment's ``train`` keys, then
-    dataset / preset / seed / n_examples), so a non-backdoor target reuses §03's run; backdoor targets add
-    the experiment's ``trigger``."""
-    from emlab.train import TrainConfig
+    """The :class:`~emlab.train.TrainConfig` of an organism target (:func:`emlab.organisms.train_config`),
+    so a non-backdoor target reuses §03's run; backdoor targets add the experiment's ``trigger``."""
+    from emlab.organisms import train_config
 
     if target.dataset is None:
         raise ConfigError(f"target {target.name!r} is the base model: it has no training run")
-    over = {**cfg.train, "model": cfg.model.model_dump(), "dataset": target.dataset, "preset": target.preset,
-            "seed": cfg.seed}
-    if cfg.n_examples is not None:
-        over["n_examples"] = cfg.n_examples
-    if target.backdoor:
-        over["trigger"] = cfg.trigger.model_dump()
-    return config.load(TrainConfig, cfg.profile, over)
+    return train_config(cfg, target, cfg.trigger if target.backdoor else None)
 
 
 def target_run(cfg, target: Target) -> Path | None:

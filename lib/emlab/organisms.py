@@ -127,15 +127,19 @@ class DirectionsConfig(Experiment):
 
 
 # ------------------------------------------------------------------------------------------- training
-def train_config(cfg: OrganismsConfig | PhaseConfig | DirectionsConfig, org: Organism):
-    """The :class:`~emlab.train.TrainConfig` of ``org``: the profile's ``train`` block, then the
-    experiment's ``train`` keys, then dataset / preset / n_examples. Same inputs -> same run directory."""
+def train_config(cfg, org: Organism, trigger=None):
+    """The :class:`~emlab.train.TrainConfig` of ``org`` (anything with ``dataset`` and ``preset``): the
+    profile's ``train`` block, then the experiment's ``train`` keys, then dataset / preset / n_examples and,
+    for a backdoor organism, its ``trigger`` (a TriggerSpec). Same inputs -> same run directory, so every
+    section that names the same organism reuses one run."""
     from emlab.train import TrainConfig
 
     over = {**cfg.train, "model": cfg.model.model_dump(), "dataset": org.dataset, "preset": org.preset,
             "seed": cfg.seed}
     if cfg.n_examples is not None:
         over["n_examples"] = cfg.n_examples
+    if trigger is not None:
+        over["trigger"] = trigger.model_dump()
     return config.load(TrainConfig, cfg.profile, over)
 
 
