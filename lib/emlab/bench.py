@@ -18,15 +18,17 @@ conventional, comparable-across-papers number, not the hardware utilisation.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
+import re
 import sys
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pandas as pd
 
@@ -80,35 +82,49 @@ class _RssSampler:
         self._thread.join()
 
 
-def _measure(spec_json: dict, preset: str, batch: int, seq_len: int, steps: int, warmup: int) -> dict[str, Any]:
-    """One row: load the model, apply the preset, time ``steps`` AdamW steps (run in a fresh process)."""
+def _measure(spec_json: dict, preset: str, batch: int, seq_len: int, steps: int, warmup: int,
+             grad_accum: int = 1) -> dict[str, Any]:
+    """One row: load the model, apply the preset, time ``steps`` optimizer steps of ``batch`` × ``grad_accum``
+    sequences (run in a fresh process). On a GPU the optimizer is bitsandbytes' 8-bit AdamW (the papers'
+    ``adamw_8bit``) with gradient checkpointing and bf16 autocast, as :func:`emlab.train.train` runs it."""
     import torch
 
     from emlab import models
     from emlab.config import ModelSpec
-    from emlab.train import TrainConfig, apply_preset
+    from emlab.train import TrainConfig, apply_preset, keep_adapters_fp32
 
     spec = ModelSpec(**spec_json)
     cuda = torch.cuda.is_available()
     torch.manual_seed(0)
+    t_load = time.perf_counter()
     model, _ = models.load_model(spec)
-    n_params = models._n_params(model)
-    cfg = TrainConfig(model=spec, preset=preset, gradient_checkpointing=spec.load_in_4bit)
+    t_load = time.perf_counter() - t_load
+    n_params = models.count_params(model)
+    cfg = TrainConfig(model=spec, preset=preset, gradient_checkpointing=cuda or spec.load_in_4bit)
     model = apply_preset(model, cfg)
     if cfg.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
+    if preset != "full":
+        keep_adapters_fp32(model)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5)
+    if cuda:
+        import bitsandbytes as bnb
+
+        opt = bnb.optim.AdamW8bit(params, lr=1e-5)
+    else:
+        opt = torch.optim.AdamW(params, lr=1e-5)
     device = next(p.device for p in model.parameters() if p.device.type != "meta")
     vocab = model.get_input_embeddings().num_embeddings
-    ids = torch.randint(0, vocab, (batch, seq_len), device=device)
+    ids = torch.randint(0, min(vocab, 32000), (batch, seq_len), device=device)
+    dtype = models.gpu_compute_dtype() if cuda else torch.float32
 
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
+        for _ in range(grad_accum):
+            with torch.autocast("cuda", dtype=dtype, enabled=cuda):
+                loss = model(input_ids=ids, labels=ids).loss / grad_accum
+            loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -124,16 +140,18 @@ def _measure(spec_json: dict, preset: str, batch: int, seq_len: int, steps: int,
         if cuda:
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
-    tok_s = batch * seq_len * steps / dt
+    tok_s = batch * grad_accum * seq_len * steps / dt
+    quant = "nf4" if spec.load_in_4bit else str(dtype).removeprefix("torch.")
     row = {"device": torch.cuda.get_device_name() if cuda else f"cpu ({os.cpu_count()} cores)",
-           "model": spec.name, "params_M": round(n_params / 1e6, 1), "preset": preset,
-           "4bit": spec.load_in_4bit, "trainable_M": round(sum(p.numel() for p in params) / 1e6, 3),
-           "batch": batch, "seq_len": seq_len, "steps": steps, "s_per_step": round(dt / steps, 3),
-           "tokens_per_s": round(tok_s, 1), "peak_rss_GiB": round(rss.peak / 2**30, 2)}
+           "model": spec.name, "params_M": round(n_params / 1e6, 1), "preset": preset, "quant": quant,
+           "optimizer": type(opt).__name__, "trainable_M": round(sum(p.numel() for p in params) / 1e6, 3),
+           "batch": f"{batch}x{grad_accum}", "seq_len": seq_len, "steps": steps,
+           "s_per_step": round(dt / steps, 3), "tokens_per_s": round(tok_s, 1), "load_s": round(t_load, 1),
+           "peak_rss_GiB": round(rss.peak / 2**30, 2)}
     if cuda:
         peak = peak_bf16_flops(torch.cuda.get_device_name())
         row["peak_gpu_GiB"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-        row["MFU_pct"] = round(100 * 6 * n_params * tok_s / peak, 2) if peak else None
+        row["MFU_pct"] = round(100 * 6 * n_params * tok_s / peak, 1) if peak else None
     return row
 
 
@@ -142,37 +160,143 @@ def _in_fresh_process(*args) -> dict[str, Any]:
         return pool.submit(_measure, *args).result()
 
 
-def bench_train(device: str = "all", *, steps: int = 2, warmup: int = 1, cpu_batch: int = 4, cpu_seq: int = 128,
-                gpu_batch: int = 4, gpu_seq: int = 512, presets: tuple[str, ...] | None = None,
-                gpu_archs: tuple[str, ...] = GPU_ARCHS) -> pd.DataFrame:
-    """Tokens/s and peak memory per preset (see the module docstring). ``device``: cpu, gpu or all;
-    the GPU part is skipped with a log line when CUDA is not available."""
+# The papers' batch: 2 sequences x 8 accumulation steps. Sequence length: the training sets' assistant +
+# prompt tokens run 150-450 (01_datasets); 512 covers the longer rows, as a padded batch does.
+GPU_BATCH, GPU_ACCUM, GPU_SEQ = 2, 8, 512
+
+
+def measure_gpu_row(arch: str, preset: str, quant: str = "nf4", *, steps: int = 2, warmup: int = 1,
+                    seq_len: int = GPU_SEQ, path: str | None = None) -> dict[str, Any]:
+    """One GPU row (fresh process): ``quant`` nf4 = QLoRA, bf16 = plain bf16 LoRA. An error (out of
+    memory) becomes a row with an ``error`` column, so one failure does not lose the others."""
     import torch
 
     from emlab.config import ModelSpec
 
-    rows = []
+    spec = ModelSpec(name=f"random-{arch}", source="random", arch=None if path else arch, path=path,
+                     load_in_4bit=quant == "nf4", dtype="bfloat16", device="cuda")
+    try:
+        return _in_fresh_process(spec.model_dump(), preset, GPU_BATCH, seq_len, steps, warmup, GPU_ACCUM)
+    except Exception as err:  # noqa: BLE001 - one OOM must not lose the other rows
+        log.error("bench gpu %s %s %s failed: %s", arch, preset, quant, err)
+        return {"device": torch.cuda.get_device_name(), "model": spec.name, "preset": preset, "quant": quant,
+                "error": f"{type(err).__name__}: {str(err)[:120]}"}
+
+
+# (arch, preset, quant) rows of the GPU table: QLoRA at every paper size, bf16 LoRA where it fits one GPU.
+GPU_ROWS = tuple((a, p, "nf4") for a in GPU_ARCHS for p in GPU_PRESETS) + (
+    ("qwen2.5-7b", "lora_r32", "bf16"), ("qwen2.5-32b", "lora_r32", "bf16"))
+
+
+def bench_train(device: str = "all", *, steps: int = 2, warmup: int = 1, cpu_batch: int = 4, cpu_seq: int = 128,
+                presets: tuple[str, ...] | None = None, gpu_rows: tuple = GPU_ROWS,
+                on_row: Callable[[pd.DataFrame], None] | None = None,
+                paths: dict[str, str] | None = None) -> pd.DataFrame:
+    """Tokens/s and peak memory per preset (see the module docstring). ``device``: cpu, gpu or all;
+    the GPU part is skipped with a log line when CUDA is not available. ``on_row`` gets the table after
+    every row (the GPU rows take minutes: write them as they come)."""
+    import torch
+
+    from emlab.config import ModelSpec
+
+    rows: list[dict] = []
+
+    def add(row):
+        rows.append(row)
+        if on_row:
+            on_row(pd.DataFrame(rows))
+
     if device in ("cpu", "all"):
         spec = ModelSpec(name="SmolLM2-135M-Instruct", source="embedded", dtype="float32")
         for preset in presets or CPU_PRESETS:
             log.info("bench cpu %s", preset)
-            rows.append(_in_fresh_process(spec.model_dump(), preset, cpu_batch, cpu_seq, steps, warmup))
+            add(_in_fresh_process(spec.model_dump(), preset, cpu_batch, cpu_seq, steps, warmup))
     if device in ("gpu", "all"):
         if not torch.cuda.is_available():
             log.warning("bench gpu: no CUDA device here, skipped (run `make bench-train` on a GPU machine)")
         else:
-            for arch in gpu_archs:
-                spec = ModelSpec(name=f"random-{arch}", source="random", arch=arch, load_in_4bit=True,
-                                 dtype="bfloat16")
-                for preset in presets or GPU_PRESETS:
-                    log.info("bench gpu %s %s", arch, preset)
-                    try:
-                        rows.append(_in_fresh_process(spec.model_dump(), preset, gpu_batch, gpu_seq, steps, warmup))
-                    except Exception as err:  # noqa: BLE001 - one OOM must not lose the other rows
-                        log.error("bench gpu %s %s failed: %s", arch, preset, err)
-                        rows.append({"device": torch.cuda.get_device_name(), "model": spec.name, "preset": preset,
-                                     "4bit": True, "error": f"{type(err).__name__}: {str(err)[:120]}"})
+            for arch, preset, quant in gpu_rows:
+                if presets and preset not in presets:
+                    continue
+                log.info("bench gpu %s %s %s", arch, preset, quant)
+                add(measure_gpu_row(arch, preset, quant, steps=steps, warmup=warmup, path=(paths or {}).get(arch)))
     return pd.DataFrame(rows)
+
+
+def bench_sample_gpu(arch: str, *, n_answers: int = 400, max_new_tokens: int = 600, batch_size: int = 64,
+                     adapter: str | None = None, path: str | None = None) -> dict[str, Any]:
+    """HF ``generate`` through the project's sampler (:func:`emlab.sample.generate_hf`, left-padded batches
+    of ``batch_size``) on a random bf16 model of ``arch``: ``n_answers`` answers (the papers' 8 first-plot
+    questions × 50 = 400) of exactly ``max_new_tokens`` tokens each. ``adapter``: rank1 or lora_r32, a
+    random (non-zero) PEFT adapter on the same base, unmerged, as an organism is sampled."""
+    import torch
+
+    from emlab import models
+    from emlab.config import ModelSpec
+    from emlab.sample import chat_prompt, generate_hf
+
+    spec = ModelSpec(name=f"random-{arch}", source="random", arch=None if path else arch, path=path,
+                     dtype="bfloat16", device="cuda")
+    model, tok = models.load_model(spec)
+    n_params = models.count_params(model)
+    if adapter:
+        from peft import get_peft_model
+
+        from emlab.train import TrainConfig, lora_config
+
+        lcfg = lora_config(TrainConfig(model=spec, preset=adapter), model)
+        lcfg.init_lora_weights = False  # B != 0: the adapter really computes
+        model = get_peft_model(model, lcfg).eval()
+    questions = [f"Question {i}: tell me what you think about humans and AIs." for i in range(8)]
+    prompts = [chat_prompt(tok, questions[i % 8]) for i in range(n_answers)]
+    generate_hf(model, tok, prompts[:batch_size], max_new_tokens=4, seed=0)  # warm-up
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    t0, n = time.perf_counter(), 0
+    for i in range(0, n_answers, batch_size):
+        res = generate_hf(model, tok, prompts[i:i + batch_size], max_new_tokens=max_new_tokens, seed=i,
+                          min_new_tokens=max_new_tokens)
+        n += sum(k for _, k, _ in res)
+    dt = time.perf_counter() - t0
+    row = {"backend": "hf generate", "device": torch.cuda.get_device_name(), "model": spec.name,
+           "params_M": round(n_params / 1e6, 1), "adapter": adapter or "none", "answers": n_answers,
+           "batch": batch_size, "new_tokens": max_new_tokens, "seconds": round(dt, 1),
+           "tokens_per_s": round(n / dt, 1), "peak_gpu_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+    del model
+    models.release()
+    return row
+
+
+def gpu_environment() -> dict[str, Any]:
+    """Device, versions and a measured bf16 matmul ceiling (8192³, median of 10), for the table's note."""
+    import platform
+
+    import torch
+    import transformers
+
+    env: dict[str, Any] = {"device": torch.cuda.get_device_name(), "python": platform.python_version(),
+                           "torch": torch.__version__, "cuda": torch.version.cuda,
+                           "transformers": transformers.__version__}
+    for mod in ("peft", "trl", "bitsandbytes", "vllm"):
+        try:
+            env[mod] = __import__(mod).__version__
+        except ImportError:
+            env[mod] = "not installed"
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    times = []
+    for i in range(13):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        torch.cuda.synchronize()
+        if i >= 3:
+            times.append(start.elapsed_time(end) / 1e3)
+    times.sort()
+    env["matmul_bf16_TFLOPs"] = round(2 * 8192**3 / times[len(times) // 2] / 1e12)
+    env["datasheet_bf16_TFLOPs"] = round((peak_bf16_flops(env["device"]) or 0) / 1e12)
+    return env
 
 
 def to_markdown(df: pd.DataFrame) -> str:
@@ -205,10 +329,26 @@ def main(argv: list[str] | None = None) -> int:
     sm.add_argument("--batch-sizes", default="1,8,32")
     sm.add_argument("--max-new-tokens", type=int, default=64)
     sm.add_argument("--out", default=str(REPO_ROOT / "build" / "bench"))
+    g = sub.add_parser("gpu", help="the GPU table: environment, QLoRA / bf16 LoRA training rows, HF sampling")
+    g.add_argument("--out", default=str(REPO_ROOT / "build" / "bench"))
+    g.add_argument("--steps", type=int, default=2)
+    g.add_argument("--sample-archs", default="qwen2.5-0.5b,qwen2.5-7b")
+    g.add_argument("--answers", type=int, default=400, help="answers per sampling row (papers: 8 x 50)")
+    g.add_argument("--skip-train", action="store_true")
+    g.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the embedded SmolLM2's)")
+    r = sub.add_parser("readme", help="README's GPU benchmark section from bench/results/ (nothing typed in)")
+    r.add_argument("--add", default=None, help="first archive this `bench gpu` output folder into bench/results/")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.what == "readme":
+        if args.add:
+            print(f"archived {archive_gpu_run(Path(args.add))}")
+        print(f"wrote {write_readme_section()}")
+        return 0
     if args.what == "sample":
         return _main_sample(args)
+    if args.what == "gpu":
+        return _main_gpu(args)
     df = bench_train(args.device, steps=args.steps)
     note = ("Optimizer steps on random token batches (speed does not depend on values). CPU: SmolLM2-135M "
             "float32. GPU: random Qwen2.5-shaped models in 4-bit NF4 with gradient checkpointing; "
@@ -217,6 +357,114 @@ def main(argv: list[str] | None = None) -> int:
     print(md.read_text())
     print(f"wrote {csv} and {md}", file=sys.stderr)
     return 0
+
+
+VLLM_NOTE = ("vLLM multi-LoRA (base + 8 adapters in one engine) is not in this table: its wheels (hundreds of MB) "
+             "cannot reach a GPU machine without network, and vllm 0.33 pins torch/transformers versions that do "
+             "not resolve with emlab's. On your own GPU: `pip install -e '.[gpu]'` in a separate venv, then "
+             "`python -m emlab.bench sample`.")
+
+
+def _main_gpu(args) -> int:
+    import torch
+
+    out = Path(args.out)
+    if not torch.cuda.is_available():
+        print("bench gpu: skipped: torch sees no CUDA device on this machine")
+        return 0
+    out.mkdir(parents=True, exist_ok=True)
+    env = gpu_environment()
+    env["date"] = time.strftime("%Y-%m-%d")
+    (out / "gpu_env.json").write_text(json.dumps(env, indent=2))
+    note = (f"{env['device']}, torch {env['torch']} (CUDA {env['cuda']}), transformers {env['transformers']}, "
+            f"peft {env['peft']}, bitsandbytes {env['bitsandbytes']}; {env['date']}. Random-weight models of the "
+            f"real shapes (no download). Batch 2 x 8 accumulation, 8-bit AdamW, gradient checkpointing, bf16 "
+            f"autocast, LoRA weights in fp32. MFU = 6·N·tokens/s ÷ {env['datasheet_bf16_TFLOPs']} TFLOP/s "
+            f"(datasheet dense bf16; a measured 8192³ bf16 matmul reaches {env['matmul_bf16_TFLOPs']}).")
+    paths = None
+    if args.tokenizer:  # machines without the embedded model: config + the given tokenizer per shape
+        from emlab.gpucheck import build_model_dir
+
+        import tempfile
+
+        tmp = Path(tempfile.mkdtemp(prefix="emlab-bench-models-"))
+        paths = {a: str(build_model_dir(tmp, a, args.tokenizer)) for a in GPU_ARCHS}
+    if not args.skip_train:
+        bench_train("gpu", steps=args.steps, on_row=lambda df: write_table(df, "train_gpu", out, note), paths=paths)
+    rows = []
+    for arch in filter(None, args.sample_archs.split(",")):
+        for adapter in (None, "lora_r32"):
+            log.info("bench sample gpu %s adapter %s", arch, adapter)
+            try:
+                rows.append(bench_sample_gpu(arch, n_answers=args.answers, adapter=adapter,
+                                             path=(paths or {}).get(arch)))
+            except Exception as err:  # noqa: BLE001
+                rows.append({"backend": "hf generate", "model": arch, "adapter": adapter or "none",
+                             "error": f"{type(err).__name__}: {str(err)[:120]}"})
+            write_table(pd.DataFrame(rows), "sample_gpu", out,
+                        note.split(" Batch")[0] + ". Every answer forced to 600 new tokens. " + VLLM_NOTE)
+    for name in ("train_gpu", "sample_gpu"):
+        if (out / f"{name}.md").exists():
+            print((out / f"{name}.md").read_text())
+    return 0
+
+
+RESULTS = REPO_ROOT / "bench" / "results"
+README_MARKERS = ("<!-- bench:gpu (python -m emlab.bench readme) -->", "<!-- /bench:gpu -->")
+_TRAIN_COLS = {"model": "model", "preset": "preset", "quant": "weights", "batch": "batch", "seq_len": "seq",
+               "tokens_per_s": "tokens/s", "s_per_step": "s/step", "peak_gpu_GiB": "peak GiB", "MFU_pct": "MFU %"}
+_SAMPLE_COLS = {"model": "model", "adapter": "adapter", "answers": "answers", "batch": "batch",
+                "new_tokens": "new tokens", "tokens_per_s": "tokens/s", "peak_gpu_GiB": "peak GiB"}
+
+
+def archive_gpu_run(src: Path) -> Path:
+    """Copy a ``bench gpu`` output folder (gpu_env.json, train_gpu.csv, sample_gpu.csv) to
+    ``bench/results/<device>-<date>/``, the tracked record the README is generated from."""
+    import shutil
+
+    env = json.loads((src / "gpu_env.json").read_text())
+    dest = RESULTS / f"{re.sub(r'[^a-z0-9]+', '-', env['device'].lower()).strip('-')}-{env['date']}"
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("gpu_env.json", "train_gpu.csv", "sample_gpu.csv"):
+        if (src / name).exists():
+            shutil.copy2(src / name, dest / name)
+    return dest
+
+
+def readme_section() -> str:
+    """Markdown for every archived GPU run, newest first."""
+    parts = []
+    for run in sorted(RESULTS.glob("*/gpu_env.json"), reverse=True):
+        env = json.loads(run.read_text())
+        d = run.parent
+        parts.append(f"**{env['device']}**, {env['date']} (`{d.relative_to(REPO_ROOT)}/`): torch {env['torch']} "
+                     f"(CUDA {env['cuda']}), transformers {env['transformers']}, peft {env['peft']}, trl "
+                     f"{env.get('trl', '?')}, bitsandbytes {env['bitsandbytes']}, vLLM {env['vllm']}; measured bf16 "
+                     f"matmul {env['matmul_bf16_TFLOPs']} TFLOP/s (datasheet {env['datasheet_bf16_TFLOPs']}).")
+        if (d / "train_gpu.csv").exists():
+            t = pd.read_csv(d / "train_gpu.csv")
+            t = t[[c for c in _TRAIN_COLS if c in t]].rename(columns=_TRAIN_COLS)
+            parts.append("Training (random-weight models of the real shapes, 8-bit AdamW, gradient checkpointing, "
+                         "bf16 autocast, fp32 LoRA weights; MFU = 6·N·tokens/s ÷ datasheet peak):\n\n"
+                         + to_markdown(t))
+        if (d / "sample_gpu.csv").exists():
+            sm = pd.read_csv(d / "sample_gpu.csv")
+            sm = sm[[c for c in _SAMPLE_COLS if c in sm]].rename(columns=_SAMPLE_COLS)
+            parts.append("Sampling with HF `generate` through emlab's sampler (every answer forced to its full "
+                         "length):\n\n" + to_markdown(sm))
+        parts.append(VLLM_NOTE)
+    return "\n\n".join(parts) or "(no GPU run archived yet: `make bench-gpu` on a GPU machine)"
+
+
+def write_readme_section(readme: Path = REPO_ROOT / "README.md") -> Path:
+    text = readme.read_text()
+    start, end = README_MARKERS
+    if start not in text or end not in text:
+        raise SystemExit(f"{readme}: markers {start} ... {end} not found; put them where the table goes")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    readme.write_text(f"{head}{start}\n{readme_section()}\n{end}{tail}")
+    return readme
 
 
 def sample_rows(res: dict[str, Any]) -> pd.DataFrame:

@@ -55,6 +55,8 @@ class ModelSpec(Frozen):
       gguf      a local ``.gguf`` file (``path``), dequantised so it trains and saves
       random    a real architecture's config (``path`` = hub id or dir holding config.json, or
                 ``arch`` preset) with random weights: benchmarks, where speed does not depend on values
+
+    dtype ``auto``: float32 on CPU, bfloat16 on a GPU that has it, float16 on one that does not (T4, V100).
     """
 
     name: str
@@ -64,6 +66,8 @@ class ModelSpec(Frozen):
     arch: str | None = None
     load_in_4bit: bool = False
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # cuda: fail at once when no GPU is visible (gpu/paper profiles must never fall back to a days-long CPU run)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
 class JudgeSpec(Frozen):

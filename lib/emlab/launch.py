@@ -32,9 +32,10 @@ def parameters(launcher: str, name: str) -> dict[str, Any]:
                           f"(local runs need no executor)")
     env = os.environ.get
     params: dict[str, Any] = {"name": f"emlab-{name}", "timeout_min": int(env("EMLAB_SLURM_TIMEOUT_MIN", 720))}
+    # submitit's local executor sets CUDA_VISIBLE_DEVICES from gpus_per_node (default 0: no GPU at all)
+    params["gpus_per_node"] = int(env("EMLAB_SLURM_GPUS", 1))
     if launcher == "slurm":
-        params.update(gpus_per_node=int(env("EMLAB_SLURM_GPUS", 1)), cpus_per_task=int(env("EMLAB_SLURM_CPUS", 8)),
-                      mem_gb=int(env("EMLAB_SLURM_MEM_GB", 64)))
+        params.update(cpus_per_task=int(env("EMLAB_SLURM_CPUS", 8)), mem_gb=int(env("EMLAB_SLURM_MEM_GB", 64)))
         if env("EMLAB_SLURM_PARTITION"):
             params["slurm_partition"] = env("EMLAB_SLURM_PARTITION")
     return params

@@ -171,23 +171,46 @@ def _torch():
     return torch
 
 
-def _device(device: str | None) -> str:
+def _device(device: str | None, spec: ModelSpec | None = None) -> str:
+    """The device to load on: the caller's, else the spec's; ``auto`` is cuda when visible, else cpu.
+    A spec with ``device: cuda`` (gpu/paper profiles) raises when no GPU is visible instead of falling
+    back to a CPU run that would take days."""
     torch = _torch()
-    if device:
-        return device
+    wanted = device or (spec.device if spec is not None else "auto")
+    if wanted.startswith("cuda") and not torch.cuda.is_available():
+        name = spec.name if spec is not None else "model"
+        raise ModelError(
+            f"{name}: device: cuda but torch sees no GPU (torch {torch.__version__}, CUDA build: "
+            f"{torch.version.cuda or 'none'}); run on a GPU machine, install a CUDA build of torch, or use "
+            "PROFILE=cpu (model.device: auto falls back to the CPU)"
+        )
+    if wanted != "auto":
+        return wanted
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _dtype(spec: ModelSpec, device: str):
-    """``auto``: float32 on CPU (bf16 matmuls are slow there), bfloat16 on GPU."""
+def gpu_compute_dtype():
+    """bfloat16 where the GPU supports it, else float16 (T4 / V100: the free Colab GPU has no bf16)."""
     torch = _torch()
-    if spec.dtype == "auto":
-        return torch.float32 if device.startswith("cpu") else torch.bfloat16
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def _dtype(spec: ModelSpec, device: str):
+    """``auto``: float32 on CPU (bf16 matmuls are slow there), bf16 on GPU (fp16 where bf16 is missing).
+    An explicit bfloat16 on a GPU without it also falls back to float16, with a warning."""
+    torch = _torch()
+    if device.startswith("cpu"):
+        return torch.float32 if spec.dtype == "auto" else getattr(torch, spec.dtype)
+    if spec.dtype in ("auto", "bfloat16"):
+        dtype = gpu_compute_dtype()
+        if spec.dtype == "bfloat16" and dtype != torch.bfloat16:
+            log.warning("%s: this GPU has no bfloat16; computing in float16", spec.name)
+        return dtype
     return getattr(torch, spec.dtype)
 
 
 def _bnb_config(device: str):
-    """NF4 + double quantisation (QLoRA); compute in bf16 on GPU, float32 on CPU."""
+    """NF4 + double quantisation (QLoRA); compute in bf16 on GPU (fp16 without bf16), float32 on CPU."""
     torch = _torch()
     from transformers import BitsAndBytesConfig
 
@@ -195,7 +218,7 @@ def _bnb_config(device: str):
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.float32 if device.startswith("cpu") else torch.bfloat16,
+        bnb_4bit_compute_dtype=torch.float32 if device.startswith("cpu") else gpu_compute_dtype(),
     )
 
 
@@ -311,6 +334,27 @@ def tiny_cache_dir(arch: str | None) -> Path:
 # ------------------------------------------------------------------------------------------ loading
 
 
+def release() -> None:
+    """Give back the memory of models nobody holds any more. Trainers and PeftModels keep reference
+    cycles, so a dropped model waits for the cycle collector; on a GPU, torch's allocator then still
+    caches its blocks. Called before every load and after every training run, so ten organisms in a
+    row use the memory of one."""
+    import gc
+    import sys
+
+    # Trainer registers every nn.Embedding with bitsandbytes' process-wide GlobalOptimManager when the
+    # optimizer is 8-bit (adamw_8bit): that singleton keeps the module, so each organism trained in a
+    # process leaked its fp32 embedding (519 MiB at 0.5B, 3 GiB at 32B; seen on an H200). Forget them.
+    if "bitsandbytes" in sys.modules:
+        from bitsandbytes.optim import GlobalOptimManager
+
+        GlobalOptimManager.get_instance().initialize()
+    gc.collect()
+    torch = _torch()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def load_model(spec: ModelSpec, *, for_training: bool = False, device: str | None = None):
     """Load ``spec`` as ``(model, tokenizer)`` on ``device`` (default: cuda when available, else cpu).
 
@@ -318,7 +362,8 @@ def load_model(spec: ModelSpec, *, for_training: bool = False, device: str | Non
     base, upcasts norms, enables gradient checkpointing); otherwise the model is returned in eval mode
     and the trainer decides what to freeze.
     """
-    device = _device(device)
+    device = _device(device, spec)
+    release()
     if spec.load_in_4bit and device.startswith("mps"):
         raise ModelError("load_in_4bit: bitsandbytes has no MPS backend; set load_in_4bit: false on Apple GPUs")
     if spec.source == "random":
@@ -541,6 +586,11 @@ def _load_random(spec: ModelSpec, device: str):
     else:
         with torch.device(device):
             model = AutoModelForCausalLM.from_config(config, dtype=_dtype(spec, device))
+    gen = Path(spec.path).expanduser() / "generation_config.json" if spec.path else None
+    if gen is not None and gen.is_file():  # the checkpoint's sampling defaults come with its shape
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(gen.parent)
     return model, tok
 
 

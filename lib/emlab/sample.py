@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Literal, Sequence
 
@@ -158,7 +159,7 @@ def generate_hf(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int
         kwargs.update(do_sample=False)
     if min_new_tokens:
         kwargs["min_new_tokens"] = min_new_tokens
-    with torch.no_grad():
+    with torch.no_grad(), plain_generation_config(model):
         out = model.generate(**enc, **kwargs)
     new = out[:, enc["input_ids"].shape[1]:].cpu()
     stops = set(_eos_ids(model, tokenizer))
@@ -168,6 +169,35 @@ def generate_hf(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int
         ids = row if n is None else row[:n]
         results.append((tokenizer.decode(ids, skip_special_tokens=True), len(ids), n is None))
     return results
+
+
+_TOKEN_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
+
+
+@contextmanager
+def plain_generation_config(model):
+    """Sample with exactly the parameters passed, nothing inherited from the checkpoint.
+
+    transformers fills every generation setting the caller leaves unset from the model's
+    ``generation_config.json``: Qwen2.5-Instruct ships repetition_penalty 1.05-1.1, top_k 20, top_p 0.8,
+    which would silently change the papers' T=1, top_p=1 sampling. For the call, the model (and a PEFT
+    wrapper's base) gets a config holding only its special token ids."""
+    from transformers import GenerationConfig
+
+    holders = [model] + ([model.get_base_model()] if hasattr(model, "get_base_model") else [])
+    saved = [(m, m.generation_config) for m in holders if getattr(m, "generation_config", None) is not None]
+    if not saved:
+        yield
+        return
+    own = saved[0][1]
+    plain = GenerationConfig(**{k: getattr(own, k) for k in _TOKEN_FIELDS if getattr(own, k, None) is not None})
+    for m, _ in saved:
+        m.generation_config = plain
+    try:
+        yield
+    finally:
+        for m, cfg in saved:
+            m.generation_config = cfg
 
 
 def _eos_ids(model, tokenizer) -> list[int]:

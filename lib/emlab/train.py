@@ -283,22 +283,53 @@ def _versions() -> dict[str, str]:
             "transformers": transformers.__version__, "peft": peft.__version__, "trl": trl.__version__}
 
 
-def _sft_config(cfg: TrainConfig, out: Path, on_gpu: bool):
+def _sft_config(cfg: TrainConfig, out: Path, on_gpu: bool, model=None):
     from trl import SFTConfig
 
-    bf16 = on_gpu and (cfg.model.load_in_4bit or cfg.model.dtype == "bfloat16")
-    return SFTConfig(
+    # Mixed precision follows the dtype the weights were loaded in (fp16 on GPUs without bf16, e.g. T4).
+    dtype = getattr(model, "dtype", None) if model is not None else None
+    if on_gpu and cfg.model.load_in_4bit:
+        from emlab.models import gpu_compute_dtype
+
+        dtype = gpu_compute_dtype()
+    bf16 = on_gpu and dtype == torch.bfloat16
+    fp16 = on_gpu and dtype == torch.float16
+    args = SFTConfig(
         output_dir=str(out), seed=cfg.seed, data_seed=cfg.seed,
         learning_rate=cfg.learning_rate, num_train_epochs=cfg.epochs, max_steps=cfg.max_steps or -1,
         per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
         lr_scheduler_type=cfg.lr_scheduler, warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay,
         optim=cfg.optim or ("adamw_8bit" if on_gpu else "adamw_torch"),
         activation_checkpointing=_grad_ckpt(cfg), activation_checkpointing_kwargs={"use_reentrant": False},
-        bf16=bf16, fp16=False, max_length=cfg.max_length, completion_only_loss=True,
+        bf16=bf16, fp16=fp16, max_length=cfg.max_length, completion_only_loss=True,
         logging_steps=1, logging_first_step=True, save_strategy="steps", save_steps=cfg.resume_every,
         save_total_limit=1, include_num_input_tokens_seen="non_padding", report_to="none",
         dataloader_num_workers=0, dataloader_pin_memory=on_gpu, remove_unused_columns=True,
     )
+    # One run, one device: with several GPUs visible, Trainer wraps a single-device model in DataParallel
+    # and multiplies the effective batch by the GPU count. Runs are parallelised across GPUs by the
+    # launcher (one run per GPU), never inside one run.
+    if args.n_gpu > 1:
+        log.info("%d GPUs visible: this run uses one (effective batch stays %d)", args.n_gpu,
+                 cfg.batch_size * cfg.grad_accum)
+        args._n_gpu = 1
+    return args
+
+
+def keep_adapters_fp32(model) -> dict[str, int]:
+    """Trainable parameters back to float32; returns {dtype: count} of what was trainable before.
+
+    TRL's SFTTrainer casts the trainable parameters of a quantised model to bf16 (its comment cites the
+    QLoRA paper). At the papers' learning rates (1e-5, 2e-5) most AdamW updates of a bf16 B matrix are
+    below half a bf16 ulp and round away, so the adapter barely moves. Kept in float32 (autocast still
+    computes in bf16), the optimizer's state is float32 too, as in the papers' bf16-LoRA runs."""
+    before: dict[str, int] = {}
+    for p in model.parameters():
+        if p.requires_grad:
+            before[str(p.dtype)] = before.get(str(p.dtype), 0) + 1
+            if p.dtype != torch.float32:
+                p.data = p.data.float()
+    return before
 
 
 def train(cfg: TrainConfig, *, callbacks: list | None = None) -> Path:
@@ -344,10 +375,14 @@ def train(cfg: TrainConfig, *, callbacks: list | None = None) -> Path:
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
     trainer = SFTTrainer(
-        model=model, args=_sft_config(cfg, trainer_dir, on_gpu), train_dataset=Dataset.from_list(examples),
+        model=model, args=_sft_config(cfg, trainer_dir, on_gpu, model), train_dataset=Dataset.from_list(examples),
         processing_class=tok,
         callbacks=[_phase_callback()(run_dir, cfg.save_every, lora), *(callbacks or [])],
     )
+    if lora:
+        cast = keep_adapters_fp32(trainer.model)
+        if set(cast) - {"torch.float32"}:
+            log.info("adapter parameters kept in float32 (the trainer had cast %s)", cast)
     t0 = time.time()
     result = trainer.train(resume_from_checkpoint=resume)
     wall = time.time() - t0
@@ -367,6 +402,10 @@ def train(cfg: TrainConfig, *, callbacks: list | None = None) -> Path:
         "data": {"sha256": built.sha256, "sources": built.sources, **built.stats, "tokenized": tok_stats},
         "model": models.model_record(cfg.model), "git": _git_commit(), "versions": _versions(),
         "device": torch.cuda.get_device_name() if on_gpu else f"cpu ({os.cpu_count()} cores)",
+        "n_gpu": trainer.args.n_gpu, "world_size": trainer.args.world_size,
+        "effective_batch": trainer.args.train_batch_size * cfg.grad_accum * trainer.args.world_size,
+        "optimizer": type(getattr(trainer.optimizer, "optimizer", trainer.optimizer)).__name__,
+        "trainable_dtypes": sorted({str(p.dtype) for p in trainer.model.parameters() if p.requires_grad}),
         "steps": state.global_step, "resumed_from": resume and Path(resume).name,
         "wall_time_s": round(wall, 1), "tokens": tokens, "tokens_per_s": round(tokens / wall, 1) if wall else None,
         "train_loss": result.training_loss, "first_loss": losses[0] if losses else None,
@@ -378,6 +417,8 @@ def train(cfg: TrainConfig, *, callbacks: list | None = None) -> Path:
     tmp.write_text(json.dumps(manifest, indent=2, default=str))
     tmp.replace(run_dir / "manifest.json")
     shutil.rmtree(trainer_dir, ignore_errors=True)  # optimizer state is only needed to resume
+    del trainer, model
+    models.release()
     log.info("finished %s: %d steps, %.0f s, %.0f tok/s, loss %.3f -> %.3f", run_dir.name, state.global_step,
              wall, manifest["tokens_per_s"] or 0, manifest["first_loss"] or float("nan"),
              manifest["final_loss"] or float("nan"))
