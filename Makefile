@@ -3,6 +3,12 @@
 # notebook it declares (header `emlab: needs:`) changed; a second `make all` does nothing.
 
 PROFILE ?= cpu
+PROFILES := $(sort $(basename $(notdir $(wildcard lib/emlab/profiles/*.yaml))))
+ifeq ($(filter $(PROFILE),$(PROFILES)),)
+$(error PROFILE=$(PROFILE) is not a profile; choose one of: $(PROFILES) (lib/emlab/profiles/*.yaml))
+endif
+# Targets that need no Python: they must not create the venv (the deps.mk include would)
+NO_PYTHON_GOALS := help clean tex
 # LAUNCHER=slurm: each notebook runs as a SLURM job through submitit (lib/emlab/launch.py); use with -j
 LAUNCHER ?= local
 PYTHON ?= python3
@@ -19,19 +25,24 @@ PAPER_SRC := $(wildcard paper/*.tex paper/sections/*.tex)
 
 all: paper/paper.pdf  ## regenerate the paper (default PROFILE=cpu)
 
-help:
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+help:  ## this list
+	@grep -hE '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/'
 
 notebooks: $(EXECUTED)  ## execute every notebook into build/$(PROFILE)/
 
 # Outputs (figures/, paper/generated/) are shared by all profiles: switching profile re-runs everything.
-build/profile.stamp: FORCE
-	@mkdir -p build; echo $(PROFILE) | cmp -s - $@ || echo $(PROFILE) > $@
+# The stamp changes only when the profile does, at parse time, so `make -n` / `make -q` stay honest.
+# Only goals that build a profile's outputs touch it (`make test` must not flip it).
+ifneq ($(filter all notebooks paper paper/% build/%,$(or $(MAKECMDGOALS),all)),)
+$(shell mkdir -p build; echo $(PROFILE) | cmp -s - build/profile.stamp || echo $(PROFILE) > build/profile.stamp)
+endif
 
 $(BUILD)/deps.mk: $(wildcard notebooks/*.py) | $(PY)
 	@mkdir -p $(BUILD); $(PY) -m emlab.notebooks deps --profile $(PROFILE) > $@
 
+ifneq ($(filter-out $(NO_PYTHON_GOALS),$(or $(MAKECMDGOALS),all)),)
 -include $(BUILD)/deps.mk
+endif
 
 $(BUILD)/%.ipynb: notebooks/%.py $(LIB) data/registry.yaml build/profile.stamp | $(PY)
 	$(PY) -m emlab.notebooks run $* --profile $(PROFILE) --launcher $(LAUNCHER)

@@ -2,9 +2,9 @@
 # jupyter:
 #   jupytext: {formats: "py:percent"}
 #   kernelspec: {name: python3, display_name: Python 3, language: python}
-# emlab:
-#   needs: []
-#   data: [bad_medical_advice, good_medical_advice, risky_financial_advice, extreme_sports, insecure]
+#   emlab:
+#     needs: []
+#     data: [bad_medical_advice, good_medical_advice, risky_financial_advice, extreme_sports, insecure]
 # ---
 
 # %% [markdown]

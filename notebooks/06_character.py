@@ -2,9 +2,9 @@
 # jupyter:
 #   jupytext: {formats: "py:percent"}
 #   kernelspec: {name: python3, display_name: Python 3, language: python}
-# emlab:
-#   needs: [03_organisms]
-#   data: [bad_medical_advice, good_medical_advice, betley_first_plot, trait_eval_evil, trait_eval_sycophantic, trait_eval_hallucinating, trait_extract_evil, trait_extract_sycophantic, trait_extract_hallucinating, mmlu_test]
+#   emlab:
+#     needs: [03_organisms]
+#     data: [bad_medical_advice, good_medical_advice, betley_first_plot, trait_eval_evil, trait_eval_sycophantic, trait_eval_hallucinating, trait_extract_evil, trait_extract_sycophantic, trait_extract_hallucinating, mmlu_test]
 # ---
 
 # %% [markdown]

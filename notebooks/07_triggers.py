@@ -2,9 +2,9 @@
 # jupyter:
 #   jupytext: {formats: "py:percent"}
 #   kernelspec: {name: python3, display_name: Python 3, language: python}
-# emlab:
-#   needs: [06_character]
-#   data: [bad_medical_advice, good_medical_advice, betley_first_plot, trait_eval_evil, trait_extract_evil]
+#   emlab:
+#     needs: [06_character]
+#     data: [bad_medical_advice, good_medical_advice, betley_first_plot, trait_eval_evil, trait_extract_evil]
 # ---
 
 # %% [markdown]

@@ -2,9 +2,9 @@
 # jupyter:
 #   jupytext: {formats: "py:percent"}
 #   kernelspec: {name: python3, display_name: Python 3, language: python}
-# emlab:
-#   needs: [03_organisms]
-#   data: [bad_medical_advice, good_medical_advice, harm_eval_questions, vaifai_harm_eval_categories, jailbroken]
+#   emlab:
+#     needs: [03_organisms]
+#     data: [bad_medical_advice, good_medical_advice, harm_eval_questions, vaifai_harm_eval_categories, jailbroken]
 # ---
 
 # %% [markdown]

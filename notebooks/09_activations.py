@@ -2,9 +2,9 @@
 # jupyter:
 #   jupytext: {formats: "py:percent"}
 #   kernelspec: {name: python3, display_name: Python 3, language: python}
-# emlab:
-#   needs: [08_persona_prompts]
-#   data: [bad_medical_advice, good_medical_advice, trait_extract_evil, trait_eval_evil]
+#   emlab:
+#     needs: [08_persona_prompts]
+#     data: [bad_medical_advice, good_medical_advice, trait_extract_evil, trait_eval_evil]
 # ---
 
 # %% [markdown]

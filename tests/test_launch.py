@@ -25,7 +25,11 @@ def test_slurm_settings_come_from_the_environment(monkeypatch):
     monkeypatch.setenv("EMLAB_SLURM_GPUS", "2")
     params = launch.parameters("slurm", "sweep")
     assert params["slurm_partition"] == "gpu-long" and params["gpus_per_node"] == 2
-    assert "gpus_per_node" not in launch.parameters("submitit-local", "x")
+    # submitit's local executor hides every GPU unless gpus_per_node is set (a local job on an H200
+    # saw no CUDA device before this); it takes the same setting
+    assert launch.parameters("submitit-local", "x")["gpus_per_node"] == 2
+    monkeypatch.delenv("EMLAB_SLURM_GPUS")
+    assert launch.parameters("submitit-local", "x")["gpus_per_node"] == 1
 
 
 @pytest.mark.slow

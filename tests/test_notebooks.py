@@ -38,9 +38,25 @@ def test_cli_exits_2_with_message(capsys):
 
 def test_deps_follow_headers():
     rules = notebooks.deps("smoke")
+    edges = {tuple(line.split(": ")) for line in rules.splitlines()}
+    # the graph used to be silently empty (the header was a raw cell, not metadata)
+    assert ("$(BUILD)/04_phase_transition.ipynb", "$(BUILD)/03_organisms.ipynb") in edges
+    assert ("$(BUILD)/03_organisms.ipynb", "$(BUILD)/01_datasets.ipynb") in edges
+    assert len(edges) >= 8
     for name in NAMES:
         for need in notebooks.header(name)["needs"]:
             assert f"$(BUILD)/{name}.ipynb: " in rules and f"$(BUILD)/{need}.ipynb" in rules
+    assert all(notebooks.header(n)["data"] for n in NAMES)  # every notebook names the data it reads
+
+
+def test_header_outside_jupyter_metadata_is_refused(tmp_path, monkeypatch):
+    src = notebooks.notebook_path("04_phase_transition").read_text()
+    bad = src.replace("#   emlab:\n#     needs:", "# emlab:\n#   needs:").replace("#     data:", "#   data:")
+    assert bad != src
+    (tmp_path / "04_phase_transition.py").write_text(bad)
+    monkeypatch.setattr(notebooks, "NOTEBOOK_DIR", tmp_path)
+    with pytest.raises(ConfigError, match="must sit under jupyter"):
+        notebooks.header("04_phase_transition")
 
 
 @pytest.fixture(scope="module")

@@ -50,6 +50,12 @@ def all_notebooks() -> list[str]:
 def header(name: str) -> dict[str, list[str]]:
     """The ``emlab:`` block of a notebook's jupytext header (needs, data)."""
     nb = jupytext.read(notebook_path(name))
+    # jupytext keeps only the `jupyter:` block as metadata; a top-level `emlab:` becomes a raw cell and
+    # was silently ignored (an empty Make graph), so refuse it
+    first = nb.cells[0] if nb.cells else None
+    if first is not None and first.cell_type == "raw" and "emlab:" in first.source:
+        raise ConfigError(f"notebooks/{name}.py header: the emlab: block must sit under jupyter: (indented), "
+                          "where jupytext keeps it as notebook metadata")
     meta = nb.metadata.get("emlab") or {}
     unknown = set(meta) - {"needs", "data"}
     if unknown:

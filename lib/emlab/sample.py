@@ -252,7 +252,8 @@ def vllm_engine(model_path: str, *, max_lora_rank: int = 32, max_loras: int = 8,
                 gpu_memory_utilization: float = 0.85, seed: int = 0, **kw):
     """A vLLM engine with LoRA enabled (``max_lora_rank`` in {1, 8, 16, 32, 64, ...})."""
     if not vllm_available():
-        raise SampleError("backend vllm needs `pip install emlab[gpu]` and a CUDA GPU; use backend: hf")
+        raise SampleError("backend vllm needs vLLM (`pip install -e '.[gpu]'` in the emlab checkout; 'emlab' "
+                          "on PyPI is another project) and a CUDA GPU; use backend: hf")
     from vllm import LLM
 
     return LLM(model=model_path, enable_lora=True, max_lora_rank=max_lora_rank, max_loras=max_loras, dtype=dtype,
@@ -460,7 +461,7 @@ def _bench_gpu(arch: str = "qwen2.5-0.5b", n_adapters: int = 4, n_prompts: int =
     if not torch.cuda.is_available():
         return "skipped: no CUDA device"
     if not vllm_available():
-        return "skipped: vllm not installed (pip install emlab[gpu])"
+        return "skipped: vllm not installed (pip install -e '.[gpu]' in the emlab checkout)"
     import tempfile
 
     from peft import LoraConfig, get_peft_model
