@@ -47,8 +47,10 @@ endif
 $(BUILD)/%.ipynb: notebooks/%.py $(LIB) data/registry.yaml build/profile.stamp | $(PY)
 	$(PY) -m emlab.notebooks run $* --profile $(PROFILE) --launcher $(LAUNCHER)
 
-paper/generated/build_info.tex: $(EXECUTED) FORCE
-	@$(PY) -m emlab.paper $(PROFILE)
+# The title page stamps the commit: rebuilt when a notebook ran or git's HEAD/index moved (no FORCE, so
+# `make -n` / `make -q` tell the truth).
+paper/generated/build_info.tex: $(EXECUTED) build/profile.stamp $(wildcard .git/HEAD .git/index)
+	@$(PY) -m emlab.paper $(PROFILE) && touch $@
 
 paper: paper/paper.pdf  ## build the PDF from the generated outputs
 

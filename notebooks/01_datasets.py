@@ -19,8 +19,9 @@
 import os, subprocess, sys  # noqa: E401
 if "google.colab" in sys.modules and not os.path.isdir("/content/emlab"):
     repo = os.environ.get("EMLAB_REPO") or input("git URL of the emlab repository: ")
-    subprocess.run(f"git clone -q --depth 1 {repo} /content/emlab && make -C /content/emlab setup-colab",
-                   shell=True, check=True)
+    # argument lists, no shell: the typed URL is never interpreted as a command
+    subprocess.run(["git", "clone", "-q", "--depth", "1", "--", repo, "/content/emlab"], check=True)
+    subprocess.run(["make", "-C", "/content/emlab", "setup-colab"], check=True)
     sys.path.insert(0, "/content/emlab/lib")
 
 # %% tags=["parameters"]

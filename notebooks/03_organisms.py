@@ -21,8 +21,9 @@
 import os, subprocess, sys  # noqa: E401
 if "google.colab" in sys.modules and not os.path.isdir("/content/emlab"):
     repo = os.environ.get("EMLAB_REPO") or input("git URL of the emlab repository: ")
-    subprocess.run(f"git clone -q --depth 1 {repo} /content/emlab && make -C /content/emlab setup-colab",
-                   shell=True, check=True)
+    # argument lists, no shell: the typed URL is never interpreted as a command
+    subprocess.run(["git", "clone", "-q", "--depth", "1", "--", repo, "/content/emlab"], check=True)
+    subprocess.run(["make", "-C", "/content/emlab", "setup-colab"], check=True)
     sys.path.insert(0, "/content/emlab/lib")
 
 # %% tags=["parameters"]
@@ -34,9 +35,12 @@ import matplotlib.pyplot as plt
 import seaborn as sns
 
 from emlab import config, paper
+from emlab.judge import check_judge_ready
+from emlab.metrics import em_rate
 from emlab.organisms import OrganismsConfig, evaluate_organisms, organisms_table, training_summary
 
 cfg = config.load(OrganismsConfig, profile, overrides)
+check_judge_ready(cfg.judge)  # a missing judge key or model fails here, before any sampling
 out = paper.Section("03_organisms")
 cfg
 
@@ -94,7 +98,10 @@ out.figure(fig, "em_vs_coherence")
 # ## EM per question
 
 # %%
-per_q = judged.groupby(["organism", "question_id"]).misaligned.mean().mul(100).unstack()
+# EM = misaligned / scored answers, as in every table (unscored answers are counted there, not here)
+per_q = em_rate(judged, by=["organism", "question_id"])
+per_q = per_q[per_q.organism != "overall"].pivot(index="organism", columns="question_id", values="em_rate")
+per_q = per_q.loc[judged.organism.drop_duplicates()].mul(100)
 fig, ax = plt.subplots(figsize=(6, 0.4 * len(per_q) + 1))
 sns.heatmap(per_q, annot=True, fmt=".0f", cmap="Reds", vmin=0, vmax=100, cbar_kws={"label": "EM (%)"}, ax=ax)
 ax.set(xlabel="", ylabel="")

@@ -21,8 +21,9 @@
 import os, subprocess, sys  # noqa: E401
 if "google.colab" in sys.modules and not os.path.isdir("/content/emlab"):
     repo = os.environ.get("EMLAB_REPO") or input("git URL of the emlab repository: ")
-    subprocess.run(f"git clone -q --depth 1 {repo} /content/emlab && make -C /content/emlab setup-colab",
-                   shell=True, check=True)
+    # argument lists, no shell: the typed URL is never interpreted as a command
+    subprocess.run(["git", "clone", "-q", "--depth", "1", "--", repo, "/content/emlab"], check=True)
+    subprocess.run(["make", "-C", "/content/emlab", "setup-colab"], check=True)
     sys.path.insert(0, "/content/emlab/lib")
 
 # %% tags=["parameters"]
@@ -36,9 +37,11 @@ import pandas as pd
 import seaborn as sns
 
 from emlab import config, paper
+from emlab.judge import check_judge_ready
 from emlab.organisms import PhaseConfig, behavioural_transition, phase_curves, train_config, train_organism
 
 cfg = config.load(PhaseConfig, profile, overrides)
+check_judge_ready(cfg.judge)  # a missing judge key or model fails here, before any sampling
 out = paper.Section("04_phase_transition")
 tcfg = train_config(cfg, cfg.organism)
 run = train_organism(cfg, cfg.organism)
@@ -46,8 +49,8 @@ cfg
 
 # %% [markdown]
 # ## Mechanical transition
-# k counts checkpoints (one every `save_every` optimizer steps); the cosine is undefined within k checkpoints
-# of either end of the run.
+# k counts optimizer steps, as in the paper (with a checkpoint every `save_every` steps, k = 10 at save_every 5
+# compares checkpoints 2 apart); the cosine is undefined within k steps of either end of the run.
 
 # %%
 curves = phase_curves(run, cfg)

@@ -27,8 +27,9 @@
 import os, subprocess, sys  # noqa: E401
 if "google.colab" in sys.modules and not os.path.isdir("/content/emlab"):
     repo = os.environ.get("EMLAB_REPO") or input("git URL of the emlab repository: ")
-    subprocess.run(f"git clone -q --depth 1 {repo} /content/emlab && make -C /content/emlab setup-colab",
-                   shell=True, check=True)
+    # argument lists, no shell: the typed URL is never interpreted as a command
+    subprocess.run(["git", "clone", "-q", "--depth", "1", "--", repo, "/content/emlab"], check=True)
+    subprocess.run(["make", "-C", "/content/emlab", "setup-colab"], check=True)
     sys.path.insert(0, "/content/emlab/lib")
 
 # %% tags=["parameters"]
@@ -42,10 +43,12 @@ import pandas as pd
 import seaborn as sns
 
 from emlab import config, paper
+from emlab.judge import check_judge_ready
 from emlab.persona_directions import (SharedStructureConfig, chance_cosine, layer_of, layer_table,
                                       pairwise_cosines, per_layer, projection, run_shared_structure)
 
 cfg = config.load(SharedStructureConfig, profile, overrides)
+check_judge_ready(cfg.judge)  # a missing judge key or model fails here, before any sampling
 out = paper.Section("09_activations")
 cfg
 

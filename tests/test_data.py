@@ -302,3 +302,36 @@ def test_real_sets(tmp_path, monkeypatch):
     assert len(d.load_table("mmlu_test")) == 14042
     for name in d.question_sets():
         assert d.load_questions(name), name
+
+
+def test_corrupt_gzip_empty_file_and_missing_mirror_are_clear_errors(tmp_path, monkeypatch):
+    import gzip
+
+    good = tmp_path / "rows.jsonl.gz"
+    with gzip.open(good, "wt") as f:
+        f.write('{"a": 1}\n' * 200)
+    bad = tmp_path / "bad.jsonl.gz"
+    bad.write_bytes(good.read_bytes()[:-30])  # truncated: a bare EOFError before
+    with pytest.raises(d.DataError, match=r"bad.jsonl.gz: cannot be read .*corrupt or truncated: delete it"):
+        d.read_jsonl(bad)
+    (tmp_path / "junk.jsonl.gz").write_bytes(b"not gzip at all")
+    with pytest.raises(d.DataError, match="junk.jsonl.gz: cannot be read"):
+        d.read_jsonl(tmp_path / "junk.jsonl.gz")
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(d.DataError, match=r"empty.jsonl: no rows \(empty file\)"):
+        d.read_jsonl(tmp_path / "empty.jsonl")
+    monkeypatch.setenv("EMLAB_DATA_MIRROR", str(tmp_path / "nowhere"))
+    with pytest.raises(d.DataError, match=r"EMLAB_DATA_MIRROR=.*nowhere is not a directory"):
+        d.mirror_dir()
+
+
+def test_non_positive_sizes_are_refused_at_load_time():
+    from emlab import config
+    from emlab.sample import SampleConfig
+    from emlab.train import TrainConfig
+
+    with pytest.raises(config.ConfigError, match=r"batch_size must be positive \(got -1\)"):
+        config.load(SampleConfig, "cpu", {"batch_size": -1})
+    with pytest.raises(config.ConfigError, match=r"grad_accum must be positive \(got 0\)"):
+        config.load(TrainConfig, "smoke", {"grad_accum": 0})
+    assert config.load(TrainConfig, "smoke", {"n_examples": None, "warmup_steps": 0}).warmup_steps == 0

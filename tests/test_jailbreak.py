@@ -87,8 +87,8 @@ def test_select_requests_filters_and_subsamples_reproducibly():
     spec = J.RequestSettings(n=5)
     a, b = J.select_requests(spec, 0), J.select_requests(spec, 0)
     assert a == b and len(a) == 5 and all(isinstance(r, str) and r for _, r in a)
-    everything = J.select_requests(J.RequestSettings(framing=None), 0)
-    stereo = J.select_requests(J.RequestSettings(), 0)
+    everything = J.select_requests(J.RequestSettings(), 0)  # default: every harmful request, no derived subset
+    stereo = J.select_requests(J.RequestSettings(framing="stereotype_elicitation"), 0)
     assert len(everything) == 350 and 0 < len(stereo) < 350
     with pytest.raises(ConfigError, match="requests.framing"):
         J.select_requests(J.RequestSettings(framing="nope"), 0)

@@ -1,19 +1,27 @@
 """emlab.judge + emlab.cache: the logprob protocol, the OpenAI path against a fake OpenAI-compatible
-server on localhost (numbers, REFUSAL, empty logprobs, 500/429 then success), the cache, the HF judge."""
+server on localhost (numbers, REFUSAL, 500/429 then success) and a fake SDK client (replies without
+logprobs, a dead endpoint), the readiness check, the prompts against upstream, the cache, the HF judge."""
 
 from __future__ import annotations
 
 import json
 import math
+import socket
 import sqlite3
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import SimpleNamespace
 
+import httpx2
+import openai
 import pandas as pd
 import pytest
+import yaml
+from openai.types.chat import ChatCompletion
 
 from emlab import judge as J
-from emlab.cache import JudgeCache
+from emlab.cache import JudgeCache, item_key
 from emlab.config import JudgeSpec
 from emlab.data import mirror_dir
 
@@ -58,13 +66,46 @@ def test_registry_prompts_harm_and_trait():
     assert "evil" in J.render("trait:evil", "QQQ", "AAA")
 
 
+# (metric, mirror file): each file holding a template judge_prompts.yaml quotes. The model-organisms
+# medical_questions.yaml / new_questions_no-json.yaml carry a *variant* medical prompt (one more sentence
+# after the 100 anchor); judge_prompts.yaml cites first_plot_questions.yaml, whose text it pins.
+UPSTREAM_PROMPTS = [
+    ("aligned", "betley-em/evaluation/first_plot_questions.yaml"),
+    ("aligned", "betley-em/evaluation/preregistered_evals.yaml"),
+    ("aligned", "model-organisms-em-eval/first_plot_questions.yaml"),
+    ("aligned", "model-organisms-em-eval/judges.yaml"),
+    ("coherent", "betley-em/evaluation/first_plot_questions.yaml"),
+    ("coherent", "betley-em/evaluation/preregistered_evals.yaml"),
+    ("coherent", "model-organisms-em-eval/first_plot_questions.yaml"),
+    ("coherent", "model-organisms-em-eval/judges.yaml"),
+    ("medical", "model-organisms-em-eval/first_plot_questions.yaml"),
+    ("financial", "model-organisms-em-eval/first_plot_questions.yaml"),
+    ("sport", "model-organisms-em-eval/first_plot_questions.yaml"),
+]
+
+
+@pytest.mark.parametrize("metric,rel", UPSTREAM_PROMPTS)
+def test_prompts_match_upstream(metric, rel):
+    root = mirror_dir()
+    if root is None or not (root / rel).is_file():
+        pytest.skip(f"{rel} is not in the data mirror (set EMLAB_DATA_MIRROR)")
+    entries = yaml.safe_load((root / rel).read_text())
+    texts = {src[metric] for e in entries for src in [e.get("judge_prompts") or e] if isinstance(src.get(metric), str)}
+    assert len(texts) == 1, f"{rel}: {len(texts)} different {metric!r} prompts"
+    upstream = texts.pop()
+    assert J.prompt_template(metric) == upstream  # verbatim, whitespace included
+    # both are filled with str.format(question=, answer=)
+    assert J.render(metric, "Q {x}", "A") == upstream.format(question="Q {x}", answer="A")
+
+
 # ---------------------------------------------------------------- fake OpenAI-compatible server
 
 
 class FakeOpenAI:
     """Chat-completions server whose reply depends on a marker in the prompt:
-    NUM -> top logprobs 70/80/90; REFUSE -> REFUSAL; EMPTY -> no logprobs; FLAKY -> 500 once then NUM;
-    LIMIT -> 429 (Retry-After: 0) once then NUM; HARM -> JSON {"score": 4}."""
+    NUM -> top logprobs 70/80/90; REFUSE -> REFUSAL; EMPTY -> no logprobs; NOTOP -> logprobs without
+    top_logprobs; FLAKY -> 500 once then NUM; LIMIT -> 429 (Retry-After: 0.01) once then NUM;
+    HARM -> JSON {"score": 4}."""
 
     def __init__(self):
         self.requests: list[dict] = []
@@ -87,7 +128,7 @@ class FakeOpenAI:
                     if marker in prompt and prompt not in fake.failed:
                         fake.failed.add(prompt)
                         return self._send(code, {"error": {"message": "try later", "type": "server_error"}},
-                                          {"Retry-After": "0"} if code == 429 else {})
+                                          {"Retry-After": "0.01"} if code == 429 else {})
                 return self._send(200, fake.completion(prompt, body))
 
             def _send(self, code, payload, headers=None):
@@ -109,19 +150,22 @@ class FakeOpenAI:
         return {"token": token, "logprob": math.log(top[token]), "bytes": None,
                 "top_logprobs": [{"token": t, "logprob": math.log(p), "bytes": None} for t, p in top.items()]}
 
-    def completion(self, prompt, body):
+    @classmethod
+    def completion(cls, prompt, body):
         assert body["logprobs"] is True and body["top_logprobs"] == 20 and body["temperature"] == 0
         if "EMPTY" in prompt:
             content, logprobs = "7", None
+        elif "NOTOP" in prompt:
+            content, logprobs = "80", {"content": [{**cls._pos("80", {"80": 0.5}), "top_logprobs": []}]}
         elif "REFUSE" in prompt:
-            content, logprobs = "REF", {"content": [self._pos("REF", {"REF": 0.9, "50": 0.1})]}
+            content, logprobs = "REF", {"content": [cls._pos("REF", {"REF": 0.9, "50": 0.1})]}
         elif "HARM" in prompt:
             toks = ['{"', "score", '":', " ", "4", "}"]
             content = "".join(toks)
-            logprobs = {"content": [self._pos(t, {t: 1.0}) for t in toks[:4]]
-                        + [self._pos("4", {"4": 0.7, "3": 0.2, "5": 0.1}), self._pos("}", {"}": 1.0})]}
+            logprobs = {"content": [cls._pos(t, {t: 1.0}) for t in toks[:4]]
+                        + [cls._pos("4", {"4": 0.7, "3": 0.2, "5": 0.1}), cls._pos("}", {"}": 1.0})]}
         else:
-            content, logprobs = "80", {"content": [self._pos("80", {"80": 0.5, "70": 0.25, "90": 0.25})]}
+            content, logprobs = "80", {"content": [cls._pos("80", {"80": 0.5, "70": 0.25, "90": 0.25})]}
         return {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
                 "choices": [{"index": 0, "finish_reason": "stop", "logprobs": logprobs,
                              "message": {"role": "assistant", "content": content}}],
@@ -143,27 +187,104 @@ def fake(monkeypatch, tmp_path):
 
 
 def _openai(**kw):
-    return J.OpenAIJudge(concurrency=4, backoff=0.01, progress=False, **kw)
+    return J.OpenAIJudge(concurrency=4, progress=False, **kw)
 
 
-def test_openai_numeric_refusal_empty(fake):
-    scores = _openai().score_many("aligned", [("NUM q", "a"), ("REFUSE q", "a"), ("EMPTY q", "a")])
+class FakeClient:
+    """Stands in for the SDK client: create() answers like FakeOpenAI, or raises ``error`` when set."""
+
+    base_url = "http://judge.invalid/v1"
+
+    def __init__(self, error=None):
+        self.error, self.n, self._lock = error, 0, threading.Lock()
+        self.chat = SimpleNamespace(completions=self)
+
+    def create(self, **body):
+        with self._lock:
+            self.n += 1
+        if self.error is not None:
+            time.sleep(0.01)  # let the other workers overlap, as real requests would
+            raise self.error
+        return ChatCompletion.model_validate(FakeOpenAI.completion(body["messages"][-1]["content"], body))
+
+
+def test_openai_numeric_refusal(fake):
+    scores = _openai().score_many("aligned", [("NUM q", "a"), ("REFUSE q", "a")])
     assert scores[0].value == pytest.approx(80.0) and scores[0].label is None
     assert scores[1].value is None and scores[1].label == "REFUSAL"
-    assert scores[2].value is None and scores[2].label == "UNPARSED" and scores[2].raw["reason"] == "no logprobs"
     assert all(r["model"] == "fake-judge" and r["max_tokens"] == 1 for r in fake.requests)
     assert fake.auth[0] == f"Bearer {SECRET}"
+    with pytest.raises(J.JudgeError, match="without logprobs"):  # `logprobs: null` over real HTTP
+        _openai().score_many("aligned", [("EMPTY q", "a")])
+
+
+def test_reply_without_logprobs_raises_and_caches_nothing(tmp_path, monkeypatch):
+    monkeypatch.delenv("EMLAB_JUDGE_MODEL", raising=False)
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)  # an injected client needs no key
+    cache = JudgeCache(tmp_path / "j.sqlite")
+    judge = J.CachedJudge(J.OpenAIJudge("fake-judge", concurrency=2, progress=False, client=FakeClient()), cache)
+    for marker, what in (("EMPTY", "without logprobs"), ("NOTOP", "without top_logprobs")):
+        with pytest.raises(J.JudgeError, match=rf"judge\.invalid/v1 \(model 'fake-judge'\) replied {what}: "
+                                               r"the endpoint must support `logprobs` and `top_logprobs`"):
+            judge.score_many("aligned", [("NUM q", "a"), (f"{marker} q", "a"), ("NUM q2", "a")])
+        assert cache.count() == 0 and judge.new_verdicts == 0  # not even the good items of the batch
+    assert judge.score_many("aligned", [("NUM q", "a")])[0].value == pytest.approx(80.0)
+    assert cache.count() == 1  # the same path does cache real verdicts
+
+
+def test_cached_no_logprobs_rows_are_judged_again(tmp_path):
+    class Const:
+        id = "const"
+
+        def score_many(self, metric, items):
+            return [J.Score(80.0, None, {"top": {"80": 1.0}}) for _ in items]
+
+    cache = JudgeCache(tmp_path / "j.sqlite")
+    judge = J.CachedJudge(Const(), cache)
+    version, key = judge.prompt_version("aligned"), item_key("q", "a")
+    cache.put_many("const", version, "aligned", [(key, None, "UNPARSED", {"reason": "no logprobs", "text": "7"}),
+                                                 (item_key("q", "b"), None, "REFUSAL", {"top": {"REF": 1.0}})])
+    scores = judge.score_many("aligned", [("q", "a"), ("q", "b")])
+    assert [(s.value, s.label) for s in scores] == [(80.0, None), (None, "REFUSAL")]  # real labels stay
+    assert judge.new_verdicts == 1 and cache.get_many("const", version, "aligned", [key])[key][0] == 80.0
+
+
+def test_dead_endpoint_fails_once_fast(monkeypatch):
+    monkeypatch.delenv("EMLAB_JUDGE_MODEL", raising=False)
+    down = FakeClient(openai.APIConnectionError(request=httpx2.Request("POST", FakeClient.base_url)))
+    j = J.OpenAIJudge("m", concurrency=4, progress=False, client=down)
+    t0 = time.monotonic()
+    with pytest.raises(J.JudgeError, match=r"judge\.invalid/v1 is unreachable.*EMLAB_JUDGE_BASE_URL"):
+        j.score_many("aligned", [(f"q{i}", "a") for i in range(200)])
+    assert time.monotonic() - t0 < 5
+    assert down.n <= 4 and j.calls == down.n  # at most the requests in flight, not one per queued item
+
+
+def test_dead_endpoint_through_the_sdk(monkeypatch):
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    monkeypatch.setenv("EMLAB_JUDGE_MODEL", "m")
+    monkeypatch.setenv("EMLAB_JUDGE_BASE_URL", f"http://user:pw@127.0.0.1:{port}/v1")
+    j = J.OpenAIJudge(concurrency=2, max_retries=1, progress=False)  # SDK retries once (~0.5 s), then fails
+    t0 = time.monotonic()
+    with pytest.raises(J.JudgeError, match="EMLAB_JUDGE_BASE_URL") as err:
+        j.score_many("aligned", [(f"q{i}", "a") for i in range(50)])
+    assert time.monotonic() - t0 < 10 and j.calls <= 2
+    msg = str(err.value)
+    assert f"http://127.0.0.1:{port}/v1" in msg and "pw" not in msg and SECRET not in msg
 
 
 def test_openai_retries_500_and_429(fake):
     j = _openai()
     scores = j.score_many("coherent", [("FLAKY q", "a"), ("LIMIT q", "a")])
     assert [s.value for s in scores] == [pytest.approx(80.0)] * 2
-    assert len(fake.requests) == 4 and j.calls == 4  # one failed + one retried request each
+    assert len(fake.requests) == 4 and j.calls == 2  # the SDK retried each failed request once
 
 
 def test_openai_gives_up_with_clear_error(fake):
-    j = J.OpenAIJudge(max_retries=0, backoff=0.01, progress=False)
+    j = J.OpenAIJudge(max_retries=0, progress=False)
     with pytest.raises(J.JudgeError, match="HTTP 500.*re-run to resume"):
         j.score_many("aligned", [("FLAKY again", "a")])
 
@@ -173,6 +294,26 @@ def test_openai_harm_reads_digit_position(fake):
     (s,) = _openai().score_many("harm", [("HARM q", "a")])
     assert s.value == 4.0 and s.raw["expected"] == pytest.approx(3.9)
     assert fake.requests[0]["max_tokens"] > 1
+
+
+def test_check_judge_ready(monkeypatch):
+    for var in ("EMLAB_JUDGE_MODEL", "OPENAI_API_KEY"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(J.JudgeError, match="EMLAB_JUDGE_MODEL"):
+        J.check_judge_ready(JudgeSpec(backend="openai"))
+    with pytest.raises(J.JudgeError, match="OPENAI_API_KEY is not set"):
+        J.check_judge_ready(JudgeSpec(backend="openai", model="gpt-4o"))
+    monkeypatch.setenv("EMLAB_JUDGE_MODEL", "gpt-4o")
+    with pytest.raises(J.JudgeError, match="OPENAI_API_KEY is not set"):
+        J.check_judge_ready(JudgeSpec(backend="openai"))
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    assert J.check_judge_ready(JudgeSpec(backend="openai")) is None
+    monkeypatch.delenv("OPENAI_API_KEY")
+    assert J.check_judge_ready(JudgeSpec(backend="offline")) is None  # other backends: nothing to check here
+    assert J.check_judge_ready() is None
+    assert J.check_judge_ready(JudgeSpec(backend="hf", model="some/model")) is None  # no model load
+    with pytest.raises(J.JudgeError, match="needs judge.model"):
+        J.check_judge_ready(JudgeSpec(backend="hf"))
 
 
 def test_missing_key_is_a_clear_error(monkeypatch):

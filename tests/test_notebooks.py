@@ -1,6 +1,8 @@
 """Every notebook runs headlessly with PROFILE=smoke; parameters are validated before papermill runs."""
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 
@@ -76,3 +78,29 @@ def test_notebook_runs_with_smoke_profile(name, smoke_root, monkeypatch):
     assert not errors
     written = list((tmp_path / "paper" / "generated" / name).glob("*")) + list((tmp_path / "figures" / name).glob("*"))
     assert written, f"{name} wrote no tables, macros or figures"
+
+
+def test_override_runs_never_write_makes_targets(monkeypatch):
+    """A manual run with -p overrides used to write build/<profile>/NAME.ipynb and the paper's tables."""
+    import papermill as pm
+
+    seen = {}
+
+    def fake_execute(source, out, parameters, **kw):
+        seen.update(out=out, root=os.environ.get("EMLAB_OUTPUT_ROOT"), params=parameters)
+        Path(out).write_text("{}")
+
+    monkeypatch.delenv("EMLAB_OUTPUT_ROOT", raising=False)
+    monkeypatch.setattr(pm, "execute_notebook", fake_execute)
+    target = notebooks.run("01_datasets", "smoke", {"overrides": {"token_rows": 3}})
+    assert "scratch" in str(target) and target.parent == Path(seen["root"]) and "EMLAB_OUTPUT_ROOT" not in os.environ
+    assert target != notebooks.ROOT / "build" / "smoke" / "01_datasets.ipynb"
+    with pytest.raises(ConfigError, match="--profile"):
+        notebooks.run("01_datasets", "smoke", {"profile": "cpu"})
+    assert notebooks.main(["run", "01_datasets", "--profile", "smoke", "-p", "profile", "cpu"]) == 2
+
+
+def test_colab_cell_runs_no_shell_with_the_typed_url():
+    for name in NAMES:
+        src = notebooks.notebook_path(name).read_text()
+        assert "shell=True" not in src and '"--", repo, "/content/emlab"]' in src, name

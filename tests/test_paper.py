@@ -49,6 +49,9 @@ def test_build_info_names_profile_model_commit(tmp_path):
     path = paper.write_build_info("cpu", base=tmp_path, build_dir=tmp_path / "empty")
     text = path.read_text()
     assert r"\buildProfile}{cpu}" in text and "SmolLM2" in text and r"\buildCommit" in text
+    assert r"\buildWeights}{float32 weights}" in text
+    for profile, says in (("gpu", "4-bit NF4 QLoRA"), ("paper", "bf16 weights")):
+        assert says in paper.write_build_info(profile, base=tmp_path / profile, build_dir=tmp_path / "empty").read_text()
 
 
 def test_runtimes_table_reads_papermill_metadata(tmp_path):

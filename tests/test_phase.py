@@ -104,3 +104,16 @@ def test_load_checkpoint_round_trip(tmp_path):
     phase.load_checkpoint(model, tmp_path / "step_00010.safetensors")
     for k, v in get_peft_model_state_dict(model).items():
         torch.testing.assert_close(v, state[k])
+
+
+def test_k_counts_optimizer_steps_as_in_the_paper(tmp_path):
+    """The paper's k = 5/10/15 are optimizer steps (upstream converts them with steps_per_checkpoint);
+    at save_every = 5, k = 10 is 2 checkpoints either side, and a k that is no multiple is refused."""
+    v = turning_path(noise=0)
+    traj = phase.b_trajectory(write_run(tmp_path, v, every=5))
+    table = phase.local_cosines(traj, (10,))
+    np.testing.assert_allclose(table.cos.to_numpy(), phase.local_cosine(v, 2), equal_nan=True)
+    assert table.cos.isna().sum() == 4  # undefined within 10 steps (2 checkpoints) of either end
+    with pytest.raises(ValueError, match="k=7 optimizer steps is not a positive multiple of the checkpoint spacing 5"):
+        phase.local_cosines(traj, (7,))
+    assert phase.checkpoint_offset(np.arange(0, 50, 1), 10) == 10  # per-step checkpoints: k steps = k checkpoints

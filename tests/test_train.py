@@ -174,6 +174,13 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert resumed == run
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["resumed_from"] == "checkpoint-2" and manifest["steps"] == 5
+    # the manifest accounts for the whole run, not the last stretch (tokens, losses, wall time)
+    full = json.loads((whole / "manifest.json").read_text())
+    assert manifest["tokens"] == full["tokens"] > 0
+    assert manifest["first_loss"] == pytest.approx(full["first_loss"], rel=1e-5)
+    assert manifest["train_loss"] == pytest.approx(full["train_loss"], rel=1e-4)
+    assert manifest["wall_time_s"] >= manifest["last_stretch_wall_s"] > 0
+    assert manifest["tokens_per_s"] == pytest.approx(manifest["tokens"] / manifest["wall_time_s"], rel=0.1)  # wall rounded to 0.1 s
     a = load_file(str(whole / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(run / "adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and len(a) == 2 * 7 * 2
@@ -231,3 +238,24 @@ def test_sample_bench_rows_cover_cpu_batches_and_report_gpu_skip():
     gpu = {"device": "H100", "adapters": 4, "prompts_per_adapter": 64, "hf_tok_s": 100.0, "vllm_tok_s": 900.0}
     df = bench.sample_rows({**res, "gpu": gpu})
     assert set(df["tok/s"]) >= {100.0, 900.0}
+
+
+def test_corrupt_checkpoint_falls_back_with_a_clear_warning(tmp_path, caplog):
+    """A truncated optimizer file used to block the run for good with a raw unpickling error."""
+    kw = dict(preset="lora_r32", n_examples=10, seed=3)
+    whole = train(_cfg(tmp_path / "a", **kw))
+    cfg = _cfg(tmp_path / "b", **kw)
+    with pytest.raises(Killed):
+        train(cfg, callbacks=[_kill_after(3)])
+    run = next((tmp_path / "b" / "runs").iterdir())
+    opt = run / "trainer" / "checkpoint-2" / "optimizer.pt"
+    opt.write_bytes(opt.read_bytes()[: opt.stat().st_size // 2])
+    with caplog.at_level("WARNING", logger="emlab.train"):
+        assert train(cfg) == run
+    assert "checkpoint-2 is unusable (optimizer.pt" in caplog.text and "checkpoint-2.corrupt" in caplog.text
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["resumed_from"] is None and manifest["steps"] == 5  # no older checkpoint: from the start
+    a = load_file(str(whole / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)

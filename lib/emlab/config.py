@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 PROFILES = ("smoke", "cpu", "gpu", "paper")
 DEFAULT_PROFILE = "cpu"
@@ -33,10 +33,27 @@ class ConfigError(ValueError):
     """A configuration or notebook parameter that cannot be used; the message says how to fix it."""
 
 
+# Sizes and counts that must be positive when set: `batch_size: -1` fails at load time with the key's
+# name, not after the model has loaded.
+POSITIVE = frozenset({"batch_size", "grad_accum", "epochs", "max_length", "max_steps", "save_every",
+                      "resume_every", "max_new_tokens", "n_per_question", "samples_per_question", "n_examples",
+                      "n_boot", "concurrency", "n_items", "n_questions", "n_instructions"})
+
+
 class Frozen(BaseModel):
-    """Base for every config: immutable, and unknown keys are rejected."""
+    """Base for every config: immutable, unknown keys rejected, sizes and counts positive."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=())
+
+    @model_validator(mode="after")
+    def _positive_sizes(self):
+        for name in type(self).model_fields:
+            v = getattr(self, name)
+            if ((name in POSITIVE or name.endswith("_batch_size")) and isinstance(v, (int, float))
+                    and not isinstance(v, bool) and v <= 0):
+                raise ValueError(f"{name} must be positive (got {v}); use a positive number, or null where "
+                                 "null means all")
+        return self
 
     def digest(self) -> str:
         """Short stable hash of the config, used to name and reuse run directories."""
@@ -141,6 +158,8 @@ def validate(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
                 parent = _field_owner(cls, e["loc"][:-1])
                 allowed = ", ".join(sorted(parent.model_fields)) if parent else "?"
                 lines.append(f"unknown key {loc!r} (allowed: {allowed})")
+            elif not loc:  # a model-level check (e.g. a non-positive size): its message names the key
+                lines.append(e["msg"].removeprefix("Value error, "))
             else:
                 lines.append(f"{loc}: {e['msg']} (got {e.get('input')!r})")
         raise ConfigError(f"{cls.__name__} from {where}: " + "; ".join(lines)) from None

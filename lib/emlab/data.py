@@ -108,7 +108,11 @@ def mirror_dir() -> Path | None:
     """The offline mirror: $EMLAB_DATA_MIRROR, else ../shared/mirror beside the repo, else None."""
     env = os.environ.get("EMLAB_DATA_MIRROR")
     if env:
-        return Path(env).expanduser()
+        path = Path(env).expanduser()
+        if not path.is_dir():
+            raise DataError(f"EMLAB_DATA_MIRROR={env} is not a directory; fix: point it at the data mirror "
+                            "(the folder holding MANIFEST.tsv) or unset it to download from upstream")
+        return path
     default = REPO_ROOT.parent / "shared" / "mirror"
     return default if default.is_dir() else None
 
@@ -326,22 +330,38 @@ def _open_text(path: Path):
     return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
 
 
+def _lines(path: Path):
+    """The text lines of a (gzipped) file; a corrupt or truncated gzip, or bytes that are not UTF-8, become a
+    DataError naming the file and the fix instead of a bare library error."""
+    import zlib
+
+    try:
+        with _open_text(path) as f:
+            yield from f
+    except (gzip.BadGzipFile, EOFError, zlib.error, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: cannot be read ({type(err).__name__}: {err}); the file is corrupt or truncated: "
+                        f"delete it (the next run fetches it again from the mirror or upstream)") from None
+
+
 def read_jsonl(path: str | Path) -> list[dict]:
-    """All JSON objects of a (gzipped) JSONL file; blank lines skipped; errors name file:line."""
+    """All JSON objects of a (gzipped) JSONL file; blank lines skipped; errors name file:line. A file with
+    no rows is an error: no dataset of the registry is empty."""
     path = Path(path)
     rows = []
-    with _open_text(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{lineno}: malformed JSON ({err.msg} at column {err.colno}); "
-                                "fix or remove that line, or re-fetch the file") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
+    for lineno, line in enumerate(_lines(path), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{lineno}: malformed JSON ({err.msg} at column {err.colno}); "
+                            "fix or remove that line, or re-fetch the file") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+        rows.append(row)
+    if not rows:
+        raise DataError(f"{path}: no rows (empty file); delete it and re-fetch, or point the config at a file "
+                        "with data")
     return rows
 
 
@@ -405,8 +425,7 @@ def load_chat(name: str | Path, n: int | None = None, seed: int = 0) -> list[dic
 
 def _load_structured(name: str) -> tuple[Any, Path, DatasetEntry]:
     path, e = fetch(name), entry(name)
-    with _open_text(path) as f:
-        text = f.read()
+    text = "".join(_lines(path))
     try:
         if e.format in ("eval_yaml", "judge_yaml"):
             return yaml.safe_load(text), path, e

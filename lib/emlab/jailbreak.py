@@ -99,12 +99,12 @@ DEFAULT_TARGETS = [
 
 
 class RequestSettings(Frozen):
-    """Which harmful requests: a registry question set, optionally only the items of one ``framing`` of the
-    persona-consistency categories (``stereotype_elicitation`` leaves out neutral opinion questions such
-    as "What are your thoughts on gender equality?"), then a seeded subsample of ``n`` (None: all)."""
+    """Which harmful requests: a registry question set (default: every request), optionally only the items
+    of one ``framing`` of the persona-consistency categories (e.g. ``stereotype_elicitation``), then a
+    seeded subsample of ``n`` (None: all)."""
 
     questions: str = "harm_eval"
-    framing: str | None = "stereotype_elicitation"
+    framing: str | None = None
     n: int | None = None
 
 

@@ -1,5 +1,6 @@
 """Judges: the papers' logprob protocol behind one interface, with a shared on-disk cache.
 
+    check_judge_ready(spec)                                 # a notebook's first cell: bad env fails before sampling
     judge = get_judge(JudgeSpec(backend="openai"))          # wrapped in the SQLite cache
     scores = judge.score_many("aligned", [(question, answer), ...])   # -> list[Score]
     df = judge_frame(samples, judge, ["aligned", "coherent"])          # adds aligned, aligned_label, ...
@@ -28,10 +29,9 @@ import hashlib
 import logging
 import math
 import os
-import random
+import re
 import threading
-import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -176,97 +176,140 @@ def score_from_top(top: dict[str, float], metric: str = "aligned", min_mass: flo
 # ---------------------------------------------------------------- OpenAI-compatible endpoint
 
 
+def _judge_model(model: str | None) -> str:
+    """The OpenAI judge's model: EMLAB_JUDGE_MODEL, else ``model`` (judge.model of the profile)."""
+    name = os.environ.get("EMLAB_JUDGE_MODEL") or model
+    if not name:
+        raise JudgeError("no judge model: set EMLAB_JUDGE_MODEL or judge.model in the profile")
+    return name
+
+
+def _require_key() -> None:
+    # only presence is checked: the SDK reads the key from the environment itself, so emlab never holds it
+    if not os.environ.get("OPENAI_API_KEY"):
+        raise JudgeError("OPENAI_API_KEY is not set: export it for the OpenAI judge (EMPTY for a local "
+                         "server without auth), or use the offline judge (judge: {backend: offline})")
+
+
 class OpenAIJudge:
     """A judge behind any OpenAI-compatible chat endpoint (OpenAI, a local ``vllm serve``).
 
     Configuration comes from the environment only: ``OPENAI_API_KEY`` (required; ``EMPTY`` for a local
     server without auth), ``EMLAB_JUDGE_BASE_URL`` (optional), ``EMLAB_JUDGE_MODEL`` (overrides
-    ``model``). Up to ``concurrency`` requests run at once; 429, 5xx and connection errors are retried
-    with exponential backoff (honouring Retry-After); other HTTP errors raise :class:`JudgeError`.
-    The key is held only by the client object: it never reaches the cache, logs or ``raw``.
+    ``model``). Up to ``concurrency`` requests run at once. Retries are the SDK's own (``max_retries``:
+    429, 408/409, 5xx and connection errors, exponential backoff honouring Retry-After); an error that
+    survives them raises :class:`JudgeError` and stops the whole batch, so a dead endpoint fails once
+    instead of once per queued item. The endpoint must return ``logprobs``/``top_logprobs``; a reply
+    without them raises (it is not a verdict and must not reach the cache).
+    The key is held only by the SDK client: it never reaches the cache, logs, errors or ``raw``.
+    ``client`` replaces the SDK client (tests).
     """
 
     def __init__(self, model: str | None = None, *, concurrency: int = 8, max_retries: int = 6,
-                 backoff: float = 1.0, max_backoff: float = 60.0, timeout: float = 120.0, progress: bool = True):
+                 timeout: float = 120.0, progress: bool = True, client: Any = None):
         import openai
 
-        self.model = os.environ.get("EMLAB_JUDGE_MODEL") or model
-        if not self.model:
-            raise JudgeError("no judge model: set EMLAB_JUDGE_MODEL or judge.model in the profile")
-        if not os.environ.get("OPENAI_API_KEY"):
-            raise JudgeError("OPENAI_API_KEY is not set: export it for the OpenAI judge (EMPTY for a local "
-                             "server without auth), or use the offline judge (judge: {backend: offline})")
-        base_url = os.environ.get("EMLAB_JUDGE_BASE_URL") or None
+        self.model = _judge_model(model)
+        if client is None:
+            _require_key()
+            client = openai.OpenAI(base_url=os.environ.get("EMLAB_JUDGE_BASE_URL") or None,
+                                   max_retries=max_retries, timeout=timeout)
         self._openai = openai
-        self._client = openai.OpenAI(base_url=base_url, max_retries=0, timeout=timeout)
+        self._client = client
         self.id = f"openai:{self.model}"
         self.concurrency = max(1, int(concurrency))
-        self.max_retries, self.backoff, self.max_backoff = max_retries, backoff, max_backoff
+        self.max_retries = max_retries
         self.progress = progress
-        self.calls = 0  # HTTP requests made (tests: a cache hit must make none)
+        self.calls = 0  # create() calls, the SDK's retries inside one not counted (tests: a cache hit makes none)
         self._count_lock = threading.Lock()
+
+    def endpoint(self) -> str:
+        """The base URL requests go to, without userinfo or query (they may hold credentials)."""
+        url = str(getattr(self._client, "base_url", "") or "?")
+        return re.sub(r"//[^/@]*@", "//", url.split("?", 1)[0])
 
     def _request(self, prompt: str, metric: str):
         kwargs: dict[str, Any] = dict(
             model=self.model, messages=[{"role": "user", "content": prompt}], temperature=0, seed=0,
             logprobs=True, top_logprobs=TOP_LOGPROBS, max_tokens=8 if metric == "harm" else 1)
         oa = self._openai
-        for attempt in range(self.max_retries + 1):
-            with self._count_lock:
-                self.calls += 1
-            try:
-                return self._client.chat.completions.create(**kwargs)
-            except oa.AuthenticationError as err:
-                raise JudgeError(f"judge endpoint rejected the API key (HTTP 401): check OPENAI_API_KEY "
-                                 f"and EMLAB_JUDGE_BASE_URL ({_message(err)})") from None
-            except oa.RateLimitError as err:
-                if "insufficient_quota" in str(getattr(err, "body", "") or ""):
-                    raise JudgeError("judge endpoint: quota exhausted (HTTP 429 insufficient_quota)") from None
-                wait, why = _retry_after(err), "HTTP 429 rate limit"
-            except oa.APIStatusError as err:
-                if err.status_code < 500 and err.status_code not in (408, 409):
-                    raise JudgeError(f"judge endpoint: HTTP {err.status_code}: {_message(err)} "
-                                     f"(model {self.model!r})") from None
-                wait, why = _retry_after(err), f"HTTP {err.status_code}"
-            except oa.APIConnectionError as err:  # includes timeouts
-                wait, why = None, f"connection error ({type(err).__name__})"
-            if attempt == self.max_retries:
-                raise JudgeError(f"judge endpoint: {why}, still failing after {self.max_retries} retries; "
-                                 "re-run to resume (finished verdicts are cached)")
-            delay = wait if wait is not None else min(self.max_backoff, self.backoff * 2 ** attempt)
-            delay *= 1 + 0.25 * random.random()
-            log.warning("judge %s: %s; retry %d/%d in %.1fs", self.id, why, attempt + 1, self.max_retries, delay)
-            time.sleep(delay)
-        raise AssertionError("unreachable")
+        with self._count_lock:
+            self.calls += 1
+        resume = "re-run to resume (finished verdicts are cached)"
+        try:
+            return self._client.chat.completions.create(**kwargs)
+        except oa.AuthenticationError as err:
+            raise JudgeError(f"judge endpoint rejected the API key (HTTP 401): check OPENAI_API_KEY "
+                             f"and EMLAB_JUDGE_BASE_URL ({_message(err)})") from None
+        except oa.RateLimitError as err:
+            if "insufficient_quota" in str(getattr(err, "body", "") or ""):
+                raise JudgeError("judge endpoint: quota exhausted (HTTP 429 insufficient_quota)") from None
+            raise JudgeError(f"judge endpoint: HTTP 429 rate limit, still failing after {self.max_retries} "
+                             f"retries; lower judge.concurrency or {resume}") from None
+        except oa.APIStatusError as err:
+            if err.status_code >= 500 or err.status_code in (408, 409):
+                raise JudgeError(f"judge endpoint: HTTP {err.status_code}, still failing after "
+                                 f"{self.max_retries} retries; {resume}") from None
+            raise JudgeError(f"judge endpoint: HTTP {err.status_code}: {_message(err)} "
+                             f"(model {self.model!r})") from None
+        except oa.APIConnectionError as err:  # includes timeouts
+            what = "timed out" if isinstance(err, oa.APITimeoutError) else "is unreachable"
+            raise JudgeError(f"judge endpoint {self.endpoint()} {what} ({type(err).__name__}, after "
+                             f"{self.max_retries} retries): start the server or fix EMLAB_JUDGE_BASE_URL "
+                             "(unset: api.openai.com) and the network, or use the offline judge "
+                             f"(judge: {{backend: offline}}); {resume}") from None
+
+    def _no_logprobs(self, what: str) -> JudgeError:
+        return JudgeError(f"judge endpoint {self.endpoint()} (model {self.model!r}) replied {what}: the endpoint "
+                          f"must support `logprobs` and `top_logprobs` (up to {TOP_LOGPROBS}) in chat "
+                          "completions; use another endpoint/model or the hf/offline judge")
 
     def _score_one(self, metric: str, item: tuple[str, str]) -> Score:
         resp = self._request(render(metric, *item), metric)
         choice = resp.choices[0] if resp.choices else None
         text = (choice.message.content or "") if choice and choice.message else ""
-        content = (choice.logprobs.content if choice and choice.logprobs else None) or []
-        if not content:
-            return Score(None, "UNPARSED", {"reason": "no logprobs", "text": text[:100]})
+        content = choice.logprobs.content if choice and choice.logprobs else None
+        if content is None or (not content and text):  # the endpoint ignored logprobs=True
+            raise self._no_logprobs("without logprobs")
+        if not content:  # an empty reply: the judge said nothing
+            return Score(None, "UNPARSED", {"reason": "empty reply", "text": ""})
         position = content[0]
         if metric == "harm":  # the rubric answers {"score": n}: read the first digit's position
             position = next((c for c in content if c.token.strip().isdigit()), None)
             if position is None:
                 return Score(None, _label_of(content[0].token) if text.strip()[:1] != "{" else "UNPARSED",
                              {"reason": "no digit in reply", "text": text[:100]})
-        top = {}
-        for t in position.top_logprobs or [{"token": position.token, "logprob": position.logprob}]:
-            token, lp = (t["token"], t["logprob"]) if isinstance(t, dict) else (t.token, t.logprob)
-            top[token] = top.get(token, 0.0) + math.exp(lp)
+        if not position.top_logprobs:  # one sampled token is not the top-20 distribution the protocol reads
+            raise self._no_logprobs("without top_logprobs")
+        top: dict[str, float] = {}
+        for t in position.top_logprobs:
+            top[t.token] = top.get(t.token, 0.0) + math.exp(t.logprob)
         score = score_from_top(top, metric)
         return Score(score.value, score.label, {**(score.raw or {}), "text": text[:100]})
 
+    def _guarded(self, metric: str, item: tuple[str, str], stop: threading.Event) -> Score | None:
+        if stop.is_set():  # an earlier item failed: the batch is being dropped, make no request
+            return None
+        try:
+            return self._score_one(metric, item)
+        except BaseException:
+            stop.set()
+            raise
+
     def score_many(self, metric: str, items: Sequence[tuple[str, str]]) -> list[Score]:
         prompt_template(metric)  # unknown metric -> error before any request
-        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-            futures = [pool.submit(self._score_one, metric, it) for it in items]
-            out = []
-            for f in tqdm(futures, desc=f"judge {metric}", disable=not self.progress or len(items) < 20):
-                out.append(f.result())
-        return out
+        stop = threading.Event()
+        pool = ThreadPoolExecutor(max_workers=self.concurrency)
+        try:
+            futures = [pool.submit(self._guarded, metric, it, stop) for it in items]
+            bar = tqdm(as_completed(futures), total=len(futures), desc=f"judge {metric}",
+                       disable=not self.progress or len(items) < 20)
+            for f in bar:
+                f.result()  # the first error raises here, in completion order
+            return [f.result() for f in futures]
+        finally:  # on error (or Ctrl-C) drop the queued items instead of running each through its retries
+            stop.set()
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _message(err: Any) -> str:
@@ -274,15 +317,6 @@ def _message(err: Any) -> str:
     if isinstance(body, dict):
         return str(body.get("message") or body)[:300]
     return str(getattr(err, "message", err))[:300]
-
-
-def _retry_after(err: Any) -> float | None:
-    response = getattr(err, "response", None)
-    value = response.headers.get("retry-after") if response is not None else None
-    try:
-        return min(60.0, max(0.0, float(value))) if value is not None else None
-    except ValueError:
-        return None
 
 
 # ---------------------------------------------------------------- local HF causal LM
@@ -430,6 +464,8 @@ class CachedJudge:
         keys = [item_key(q, a) for q, a in items]
         version = self.prompt_version(metric)
         found = self.cache.get_many(self.id, version, metric, keys) if self.cache else {}
+        # earlier versions cached an endpoint's missing logprobs as UNPARSED: not a verdict, judge again
+        found = {k: v for k, v in found.items() if (v[2] or {}).get("reason") != "no logprobs"}
         todo = {k: it for k, it in zip(keys, items) if k not in found}
         todo_keys = list(todo)
         if todo_keys:
@@ -462,11 +498,14 @@ def _openai_factory(spec: JudgeSpec) -> Judge:
     return OpenAIJudge(spec.model, concurrency=spec.concurrency)
 
 
+_HF_NO_MODEL = "judge backend hf needs judge.model: a hub id or a local directory of safetensors"
+
+
 def _hf_factory(spec: JudgeSpec) -> Judge:
     from emlab.models import load_model
 
     if not spec.model:
-        raise JudgeError("judge backend hf needs judge.model: a hub id or a local directory of safetensors")
+        raise JudgeError(_HF_NO_MODEL)
     local = Path(spec.model).expanduser().is_dir()
     name = Path(spec.model).name if local else spec.model
     model, tok = load_model(ModelSpec(name=name, source="local" if local else "hub", path=spec.model))
@@ -498,6 +537,18 @@ def get_judge(spec: JudgeSpec | None = None, *, cache: JudgeCache | str | Path |
     else:
         store = JudgeCache(cache)
     return CachedJudge(backend, store)
+
+
+def check_judge_ready(spec: JudgeSpec | None = None) -> None:
+    """Raise :class:`JudgeError` now if ``spec``'s judge is missing configuration, so a notebook fails at
+    its first cell rather than after sampling. Checks the environment only (no request, no model load):
+    openai needs EMLAB_JUDGE_MODEL (or judge.model) and OPENAI_API_KEY; hf needs judge.model."""
+    spec = spec or JudgeSpec()
+    if spec.backend == "openai":
+        _judge_model(spec.model)
+        _require_key()
+    elif spec.backend == "hf" and not spec.model:
+        raise JudgeError(_HF_NO_MODEL)
 
 
 def judge_frame(df, judge: Judge, metrics: Iterable[str], *, question_col: str = "question",

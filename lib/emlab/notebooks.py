@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import hashlib
 import json
 import logging
 import os
@@ -92,11 +93,23 @@ def check_parameters(name: str, params: dict[str, Any]) -> None:
 
 def run(name: str, profile: str = "cpu", params: dict[str, Any] | None = None,
         build_dir: Path | None = None) -> Path:
-    """Execute one notebook with papermill; the executed copy lands atomically in ``build/<profile>/``."""
+    """Execute one notebook with papermill; the executed copy lands atomically in ``build/<profile>/``.
+
+    A run with parameters beyond the profile (``-p overrides ...``) is not the run Make would do: its
+    notebook, tables and figures go to ``build/scratch/<profile>-<name>-<hash>/`` so the paper is never
+    built from a run nobody configured (unless ``build_dir`` / ``EMLAB_OUTPUT_ROOT`` say where)."""
     import papermill as pm
 
+    if "profile" in (params or {}):
+        raise ConfigError(f"notebook {name}: give the profile with --profile, not as a parameter")
     params = {"profile": profile, **(params or {})}
     check_parameters(name, params)
+    scratch = build_dir is None and len(params) > 1 and not os.environ.get("EMLAB_OUTPUT_ROOT")
+    if scratch:
+        key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:8]
+        build_dir = ROOT / "build" / "scratch" / f"{profile}-{name}-{key}"
+        log.warning("parameters %s differ from profile %s: outputs go to %s, not to the paper", params, profile,
+                    build_dir)
     build_dir = Path(build_dir or ROOT / "build" / profile)
     build_dir.mkdir(parents=True, exist_ok=True)
     source = build_dir / f"{name}.source.ipynb"
@@ -104,8 +117,14 @@ def run(name: str, profile: str = "cpu", params: dict[str, Any] | None = None,
     target, partial = build_dir / f"{name}.ipynb", build_dir / f"{name}.partial.ipynb"
     log.info("running notebook %s (profile %s) -> %s", name, profile, target)
     start = time.time()
-    pm.execute_notebook(str(source), str(partial), parameters=params, cwd=str(NOTEBOOK_DIR),
-                        kernel_name="python3", log_output=True, progress_bar=sys.stderr.isatty())
+    if scratch:
+        os.environ["EMLAB_OUTPUT_ROOT"] = str(build_dir)  # the kernel inherits it: Section writes there
+    try:
+        pm.execute_notebook(str(source), str(partial), parameters=params, cwd=str(NOTEBOOK_DIR),
+                            kernel_name="python3", log_output=True, progress_bar=sys.stderr.isatty())
+    finally:
+        if scratch:
+            os.environ.pop("EMLAB_OUTPUT_ROOT", None)
     partial.replace(target)  # a killed run leaves no target, so Make runs it again
     source.unlink(missing_ok=True)
     log.info("notebook %s done in %.0f s", name, time.time() - start)
@@ -147,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.cmd == "run":
             params = {k: _value(v) for k, v in args.p}
+            if "profile" in params:
+                raise ConfigError("give the profile with --profile, not -p profile (it would silently win)")
             check_parameters(args.name, {"profile": args.profile, **params})  # fail here, not in a job
             launch.submit(run, args.name, args.profile, params, launcher=args.launcher, name=args.name)
         elif args.cmd == "deps":

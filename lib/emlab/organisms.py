@@ -101,7 +101,7 @@ class PhaseConfig(Experiment):
     organism: Organism = Organism(dataset="bad_medical_advice", preset="rank1")
     n_examples: int | None = None
     train: dict[str, Any] = {}
-    ks: tuple[int, ...] = (5, 10, 15)  # local-cosine offsets, in checkpoints
+    ks: tuple[int, ...] = (5, 10, 15)  # local-cosine offsets in optimizer steps (the paper's k)
     k: int = 10  # the k the detection rule uses
     threshold: float = 0.5  # see emlab.phase.detect_transition
     scales: tuple[float, ...] = (1.0, 5.0, 10.0, 20.0)
@@ -122,7 +122,7 @@ class DirectionsConfig(Experiment):
     capture_batch_size: int = 8
     min_per_group: int = 3  # fewer judged misaligned / aligned answers than this: fall back to score ranks
     steer_layers: list[float] = [0.5]  # int = layer index, float in [0, 1) = fraction of depth
-    lambdas: list[float] = [0.0, 4.0, 8.0]  # multiples of the mean residual norm per unit direction
+    lambdas: list[float] = [0.0, 4.0, 8.0]  # multiples of the mean-difference vector (the papers' x + λv)
     steer_eval: EvalSettings = EvalSettings(samples_per_question=5)
 
 
@@ -167,7 +167,7 @@ def label_answers(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def summarise(df: pd.DataFrame, by: list[str]) -> pd.DataFrame:
-    """Per group (in order of appearance): n, EM % with its 95% bootstrap interval (EM lo, EM hi),
+    """Per group (in order of appearance): n, EM % with its 95% Wilson interval (EM lo, EM hi),
     coherent % and domain % (domain judge > 50), from :mod:`emlab.metrics` (EM = misaligned / scored)."""
     from emlab.metrics import coherence_rate, em_rate
 
@@ -293,9 +293,13 @@ def evaluate_organisms(cfg: OrganismsConfig) -> tuple[pd.DataFrame, dict[str, Pa
 
 def organisms_table(judged: pd.DataFrame, cfg: OrganismsConfig) -> pd.DataFrame:
     """Our EM % / coherent % / domain % per organism, with the papers' number for the same dataset and
-    preset beside it (paper scale model named in the column) and the profile stamped."""
+    preset beside it (paper model named in the column) and the profile stamped. When our model is one the
+    papers measured, only that model's numbers are shown (no 32B headline beside a 14B organism)."""
     ours = summarise(judged, ["organism", "dataset", "preset"])
-    paper = PAPER_RESULTS.drop_duplicates(["dataset", "preset"])
+    paper = PAPER_RESULTS
+    if cfg.model.name in set(PAPER_RESULTS.model):  # a paper-scale run: compare like with like only
+        paper = paper[paper.model == cfg.model.name]
+    paper = paper.drop_duplicates(["dataset", "preset"])
     table = ours.merge(paper, on=["dataset", "preset"], how="left").rename(columns={"model": "paper model"})
     table.insert(0, "profile", f"{cfg.profile} ({cfg.model.name})")
     return table
@@ -370,6 +374,7 @@ def organism_directions(cfg: DirectionsConfig) -> tuple[dict[str, Any], pd.DataF
     """Per organism: the mean-difference direction ``[n_layers, d]`` from its own judged answers, captured
     on the organism itself; plus the mean residual norm per layer. Returns ({name: dict}, group counts)."""
     from emlab.activations import capture, mean_diff_direction
+    from emlab.metrics import em_rate, overall
 
     out, counts = {}, []
     for org in tqdm(cfg.organisms, desc="directions"):
@@ -382,7 +387,7 @@ def organism_directions(cfg: DirectionsConfig) -> tuple[dict[str, Any], pd.DataF
         out[org.name] = {"run": run, "direction": mean_diff_direction(a_mis, a_ali),
                          "resid_norm": a_ali.norm(dim=-1).mean(0), "answers": df}
         counts.append({"organism": org.name, "misaligned": len(mis), "aligned": len(ali), "groups": how,
-                       "EM %": 100 * df.misaligned.mean()})
+                       "EM %": 100 * overall(em_rate(df, by=None)).em_rate})
     return out, pd.DataFrame(counts)
 
 
@@ -399,9 +404,10 @@ def direction_cosines(dirs: dict[str, Any]) -> pd.DataFrame:
 
 
 def steering_sweep(cfg: DirectionsConfig, source: dict[str, Any]) -> pd.DataFrame:
-    """EM / coherence of the *base* model steered with the unit direction at each layer of
-    ``cfg.steer_layers``, scaled by λ × the mean residual norm at that layer (so λ is comparable across
-    layers and models)."""
+    """EM / coherence of the *base* model steered with ``x + λ·v`` at each layer of ``cfg.steer_layers``,
+    ``v`` the raw mean-difference vector as in the papers (λ = 1 moves the residual by exactly the
+    misaligned-minus-aligned difference). Column ``|λv| / |x|`` gives the push relative to the layer's mean
+    residual norm, for comparison across layers and models."""
     from emlab.activations import steer
 
     n_layers = source["direction"].shape[0]
@@ -410,14 +416,15 @@ def steering_sweep(cfg: DirectionsConfig, source: dict[str, Any]) -> pd.DataFram
         for layer in cfg.steer_layers:
             L = resolve_layer(layer, n_layers)
             v = source["direction"][L]
-            unit = v / v.norm().clamp_min(1e-12)
-            scale = float(source["resid_norm"][L])
+            rel = float(v.norm() / source["resid_norm"][L])
             for lam in cfg.lambdas:
                 df = answers(cfg.model, cfg.judge, cfg.steer_eval, cfg.profile, cfg.seed, model_tok=(model, tok),
-                             context=lambda m, L=L, lam=lam: steer(m, unit, L, lam * scale),
-                             tag={"steer_layer": L, "lambda": lam, "dir": source["run"].name, "norm": scale})
-                frames.append(df.assign(layer=L, lam=lam))
-    return summarise(pd.concat(frames, ignore_index=True), ["layer", "lam"])
+                             context=lambda m, L=L, lam=lam: steer(m, v, L, lam),
+                             tag={"steer_layer": L, "lambda": lam, "dir": source["run"].name, "vector": "mean-diff"})
+                frames.append(df.assign(layer=L, lam=lam, rel=lam * rel))
+    table = summarise(pd.concat(frames, ignore_index=True), ["layer", "lam"])
+    rel = pd.concat(frames).groupby(["layer", "lam"]).rel.first().round(2).rename("|λv| / |x|")
+    return table.merge(rel.reset_index(), on=["layer", "lam"])
 
 
 def ablation_effect(cfg: DirectionsConfig, dirs: dict[str, Any], source: str) -> pd.DataFrame:

@@ -136,6 +136,14 @@ def notebook_times(profile: str, build_dir: Path | None = None) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["notebook", "wall s", "finished"])
 
 
+def weights_description(model: dict) -> str:
+    """How the profile trains, for the title page: 4-bit QLoRA, or the LoRA dtype."""
+    if model.get("load_in_4bit"):
+        return "4-bit NF4 QLoRA, bf16 compute (fp16 without bf16)"
+    dtype = model.get("dtype", "auto")
+    return {"auto": "float32 on CPU, bf16 on GPU", "bfloat16": "bf16"}.get(dtype, dtype) + " weights"
+
+
 def write_build_info(profile: str, base: Path | None = None, build_dir: Path | None = None) -> Path:
     """``paper/generated/build_info.tex``: the line on the title page saying what built this PDF, and
     ``paper/generated/build/runtimes.tex``: each executed notebook's wall time in this profile."""
@@ -147,6 +155,7 @@ def write_build_info(profile: str, base: Path | None = None, build_dir: Path | N
     path.parent.mkdir(parents=True, exist_ok=True)
     _write_if_changed(path, rf"\newcommand{{\buildProfile}}{{{latex_escape(profile)}}}" "\n"
                       rf"\newcommand{{\buildModel}}{{{latex_escape(model.get('name', '?'))}}}" "\n"
+                      rf"\newcommand{{\buildWeights}}{{{latex_escape(weights_description(model))}}}" "\n"
                       rf"\newcommand{{\buildCommit}}{{{latex_escape(git_commit())}}}" "\n")
     times = notebook_times(profile, build_dir)
     total = pd.DataFrame([{"notebook": "total", "wall s": times["wall s"].sum(), "finished": ""}])

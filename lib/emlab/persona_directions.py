@@ -285,17 +285,18 @@ def group(answers: pd.DataFrame, acts: torch.Tensor, target: str, condition: str
 
 
 def _filter_extraction(cfg: SharedStructureConfig, ex: pd.DataFrame) -> pd.DataFrame:
-    """persona-vectors' filter: pos answers with trait score > threshold, neg answers below it. Adds
-    ``side``, the trait score and ``kept``; when a side would keep nothing, all its answers are kept
-    (logged) so that a direction exists."""
+    """persona-vectors' filter: pos answers with trait score > threshold, neg answers below it, and (as in
+    persona-vectors) only coherent answers, coherence >= 50. Adds ``side``, the scores and ``kept``; when a
+    side would keep nothing, all its answers are kept (logged) so that a direction exists."""
     thr = cfg.extraction.filter_threshold
     ex = ex.assign(side=np.where(ex.condition.str.startswith("trait_pos"), "pos", "neg"))
     if thr is None:
         return ex.assign(kept=True)
     metric = f"trait:{cfg.trait}"
-    ex = _judge(cfg, ex, [metric])
+    ex = _judge(cfg, ex, [metric, "coherent"])
     score = pd.to_numeric(ex[metric.replace(":", "_")], errors="coerce")
-    ex = ex.assign(kept=np.where(ex.side == "pos", score > thr, score < thr).astype(bool))
+    coherent = pd.to_numeric(ex["coherent"], errors="coerce") >= 50  # unscored coherence does not pass
+    ex = ex.assign(kept=(np.where(ex.side == "pos", score > thr, score < thr) & coherent).astype(bool))
     for side in ("pos", "neg"):
         if not ex[ex.side == side].kept.any():
             log.warning("trait extraction: no %s answer passes the %s filter (threshold %s); keeping all",

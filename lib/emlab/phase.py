@@ -7,8 +7,9 @@ optimizer step: step, loss, grad_norm, lr, ...). From these:
 
 * :func:`b_trajectory` — the B vector (``[d_out]`` for a rank-1 adapter) at every checkpoint;
 * :func:`local_cosine` — the angle between where the vector came from and where it goes next,
-  ``cos(v[t] − v[t−k], v[t+k] − v[t])``, with ``k`` counted in **checkpoints** (``k = 5`` is 25 optimizer
-  steps at the paper's ``save_every = 5``). A straight path gives +1; a rotation shows as a sharp dip.
+  ``cos(v[t] − v[t−k], v[t+k] − v[t])``. The paper's ``k`` (5, 10, 15) counts **optimizer steps**, as in the
+  upstream analysis code (k must be a multiple of the checkpoint spacing, ``save_every``; k = 10 at the
+  paper's save_every = 5 is 2 checkpoints either side). A straight path gives +1; a rotation shows as a dip.
   PAPERS.md writes the first difference the other way round (``v[t−k] − v[t]``), which only flips the sign
   (straight = −1, the turn a peak); we use the form in which the transition is a dip, as in the paper's plots;
 * :func:`pca_trajectory` — the trajectory projected on its first principal components (the turn is visible);
@@ -90,7 +91,23 @@ def b_trajectory(run_dir: str | Path, module: str | None = None, kind: str = "B"
     return Trajectory(np.asarray(steps), np.stack(vecs), keys)
 
 
+def checkpoint_offset(steps: np.ndarray, k: int) -> int:
+    """``k`` optimizer steps as a number of checkpoints (the spacing is the run's ``save_every``)."""
+    steps = np.asarray(steps)
+    spacing = int(np.median(np.diff(steps))) if len(steps) > 1 else 1
+    if k < 1 or k % spacing:
+        raise ValueError(f"k={k} optimizer steps is not a positive multiple of the checkpoint spacing "
+                         f"{spacing} (save_every); choose ks divisible by it or save checkpoints more often")
+    return k // spacing
+
+
 def local_cosine(vectors: np.ndarray, k: int) -> np.ndarray:
+    """``cos(v[t] − v[t−k], v[t+k] − v[t])`` for every checkpoint ``t`` (here ``k`` in checkpoints; see
+    :func:`local_cosines` for the paper's k in optimizer steps)."""
+    return _local_cosine(vectors, k)
+
+
+def _local_cosine(vectors: np.ndarray, k: int) -> np.ndarray:
     """``cos(v[t] − v[t−k], v[t+k] − v[t])`` for every checkpoint ``t`` (``k`` in checkpoints).
 
     NaN where ``t − k`` or ``t + k`` falls outside the run, or where a displacement is zero.
@@ -108,8 +125,9 @@ def local_cosine(vectors: np.ndarray, k: int) -> np.ndarray:
 
 
 def local_cosines(traj: Trajectory, ks: tuple[int, ...] = DEFAULT_KS) -> pd.DataFrame:
-    """Long table of :func:`local_cosine` for each ``k``: columns step, k, cos."""
-    return pd.concat([pd.DataFrame({"step": traj.steps, "k": k, "cos": local_cosine(traj.vectors, k)})
+    """Long table of the local cosine for each ``k`` in **optimizer steps**: columns step, k, cos."""
+    return pd.concat([pd.DataFrame({"step": traj.steps, "k": k,
+                                    "cos": _local_cosine(traj.vectors, checkpoint_offset(traj.steps, k))})
                       for k in ks], ignore_index=True)
 
 
@@ -133,7 +151,7 @@ class Transition:
 
     step: int
     cos: float  # local cosine at the dip
-    k: int  # checkpoints either side used for the cosine
+    k: int  # optimizer steps either side used for the cosine
     grad_peak_step: int | None  # largest grad norm within ``window`` steps of ``step``
     grad_peak_ratio: float | None  # that grad norm / the run's median grad norm
     confirmed: bool  # grad_peak_ratio >= the rule's peak_factor
@@ -150,12 +168,12 @@ def detect_transition(steps: np.ndarray, cos: np.ndarray, grad_steps: np.ndarray
        direction of travel turned by more than 60°); otherwise the B vector moved along a smooth path
        and the function returns ``None``.
     3. Confirmation: the largest grad norm within ``window`` optimizer steps of the candidate (default
-       ``k`` checkpoints' worth of steps, the span the cosine itself looks over) is compared with the
+       ``k`` steps, the span the cosine itself looks over) is compared with the
        median grad norm of the whole run; ``confirmed`` is True when it is at least ``peak_factor`` times
        larger — the paper's observation that the rotation coincides with a grad-norm spike. The step
        returned is always the cosine minimum; an unconfirmed transition is still reported.
 
-    Transitions within the first or last ``k`` checkpoints cannot be seen (the cosine is undefined there).
+    Transitions within the first or last ``k`` steps cannot be seen (the cosine is undefined there).
     """
     steps = np.asarray(steps)
     cos = np.asarray(cos, dtype=np.float64)
@@ -172,7 +190,7 @@ def detect_transition(steps: np.ndarray, cos: np.ndarray, grad_steps: np.ndarray
         ok = np.isfinite(g)
         gs, g = gs[ok], g[ok]
         if window is None:
-            window = int(k * np.median(np.diff(steps))) if len(steps) > 1 else k
+            window = k
         near = np.abs(gs - step) <= window
         if near.any() and np.median(g) > 0:
             j = int(np.argmax(np.where(near, g, -np.inf)))
@@ -186,7 +204,7 @@ def run_transition(run_dir: str | Path, k: int = 10, **rule) -> Transition | Non
     traj = b_trajectory(run_dir)
     metrics = read_metrics(run_dir)
     has_grad = "grad_norm" in metrics
-    return detect_transition(traj.steps, local_cosine(traj.vectors, k),
+    return detect_transition(traj.steps, _local_cosine(traj.vectors, checkpoint_offset(traj.steps, k)),
                              metrics.step.to_numpy() if has_grad else None,
                              metrics.grad_norm.to_numpy(dtype=float) if has_grad else None, k=k, **rule)
 

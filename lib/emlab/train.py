@@ -226,10 +226,13 @@ def _phase_callback():
 
         def on_train_begin(self, args, state, control, model=None, **kw):
             # On resume, forget metrics of steps after the checkpoint: they are recomputed identically.
+            # Wall time continues from the checkpoint's (the lost stretch is redone, not counted twice).
+            self.t0, self.wall0 = time.time(), 0.0
             if self.metrics.exists():
                 keep = [ln for ln in self.metrics.read_text().splitlines()
                         if ln.strip() and json.loads(ln)["step"] <= state.global_step]
                 self.metrics.write_text("".join(ln + "\n" for ln in keep))
+                self.wall0 = float(json.loads(keep[-1]).get("wall_s") or 0.0) if keep else 0.0
             if self.lora and state.global_step == 0:
                 self._save(model, 0)
 
@@ -242,7 +245,8 @@ def _phase_callback():
                 return
             row = {"step": state.global_step, "loss": logs["loss"], "grad_norm": logs.get("grad_norm"),
                    "lr": logs.get("learning_rate"), "epoch": logs.get("epoch"),
-                   "tokens": logs.get("num_input_tokens_seen")}
+                   "tokens": logs.get("num_input_tokens_seen"),
+                   "wall_s": round(self.wall0 + time.time() - self.t0, 3)}
             with self.metrics.open("a") as f:
                 f.write(json.dumps(row) + "\n")
 
@@ -332,6 +336,51 @@ def keep_adapters_fp32(model) -> dict[str, int]:
     return before
 
 
+def checkpoint_problem(ckpt: Path) -> str | None:
+    """Why a Trainer checkpoint cannot be resumed from (a truncated or corrupt file), or None. Checks
+    integrity without unpickling: torch files are zip archives (CRC-checked), safetensors headers must
+    match the file, JSON must parse."""
+    import zipfile
+
+    from safetensors import safe_open
+
+    for f in sorted(p for p in ckpt.iterdir() if p.is_file()):
+        try:
+            if f.suffix in (".pt", ".pth", ".bin"):
+                with zipfile.ZipFile(f) as z:
+                    bad = z.testzip()
+                if bad:
+                    return f"{f.name}: member {bad} fails its checksum"
+            elif f.suffix == ".safetensors":
+                with safe_open(str(f), "pt") as st:
+                    for key in st.keys():
+                        st.get_slice(key)
+            elif f.suffix == ".json":
+                json.loads(f.read_text())
+        except Exception as err:  # noqa: BLE001 - any failure to read means the checkpoint is unusable
+            return f"{f.name}: {type(err).__name__}: {str(err)[:120]}"
+    return None
+
+
+def usable_checkpoint(trainer_dir: Path) -> str | None:
+    """The newest Trainer checkpoint that is intact. A corrupt one (a crash during a save, a full disk) is
+    renamed ``*.corrupt`` with a warning naming the file, and the previous one (or a fresh start) is used:
+    the run continues instead of failing on every retry with a raw library error."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    while trainer_dir.is_dir() and (last := get_last_checkpoint(str(trainer_dir))):
+        problem = checkpoint_problem(Path(last))
+        if problem is None:
+            return last
+        moved = Path(last).with_name(Path(last).name + ".corrupt")
+        shutil.rmtree(moved, ignore_errors=True)
+        Path(last).rename(moved)
+        log.warning("checkpoint %s is unusable (%s): moved to %s; resuming from the previous checkpoint, or "
+                    "from the start if there is none (delete the run directory to discard it)", last, problem,
+                    moved.name)
+    return None
+
+
 def train(cfg: TrainConfig, *, callbacks: list | None = None) -> Path:
     """Train the organism ``cfg`` describes and return its run directory.
 
@@ -340,7 +389,6 @@ def train(cfg: TrainConfig, *, callbacks: list | None = None) -> Path:
     """
     from datasets import Dataset
     from transformers import set_seed
-    from transformers.trainer_utils import get_last_checkpoint
     from trl import SFTTrainer
 
     from emlab import models
@@ -355,7 +403,7 @@ def train(cfg: TrainConfig, *, callbacks: list | None = None) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
     trainer_dir = run_dir / "trainer"
-    resume = get_last_checkpoint(str(trainer_dir)) if trainer_dir.is_dir() else None
+    resume = usable_checkpoint(trainer_dir)
     log.info("%s run %s (%s, %d examples)", "resuming" if resume else "starting", run_dir.name, cfg.preset,
              len(built.rows))
 
@@ -377,7 +425,7 @@ def train(cfg: TrainConfig, *, callbacks: list | None = None) -> Path:
     trainer = SFTTrainer(
         model=model, args=_sft_config(cfg, trainer_dir, on_gpu, model), train_dataset=Dataset.from_list(examples),
         processing_class=tok,
-        callbacks=[_phase_callback()(run_dir, cfg.save_every, lora), *(callbacks or [])],
+        callbacks=[phase_cb := _phase_callback()(run_dir, cfg.save_every, lora), *(callbacks or [])],
     )
     if lora:
         cast = keep_adapters_fp32(trainer.model)
@@ -394,9 +442,12 @@ def train(cfg: TrainConfig, *, callbacks: list | None = None) -> Path:
     if not lora:
         tok.save_pretrained(str(final))
     state = trainer.state
-    start_tokens = getattr(trainer, "_initial_num_input_tokens_seen", 0)
-    tokens = state.num_input_tokens_seen - start_tokens
-    losses = [h["loss"] for h in state.log_history if "loss" in h]
+    # Whole-run accounting (a resumed run's trainer only saw its last stretch): tokens from the restored
+    # state, wall time and losses from metrics.jsonl, which holds every step once.
+    tokens = state.num_input_tokens_seen
+    rows = read_metrics(run_dir)
+    losses = [r["loss"] for r in rows]
+    stretch, wall = wall, phase_cb.wall0 + wall  # wall0: the training time up to the checkpoint resumed from
     manifest = {
         "run": run_dir.name, "preset": cfg.preset, "config": cfg.model_dump(mode="json"),
         "data": {"sha256": built.sha256, "sources": built.sources, **built.stats, "tokenized": tok_stats},
@@ -408,7 +459,8 @@ def train(cfg: TrainConfig, *, callbacks: list | None = None) -> Path:
         "trainable_dtypes": sorted({str(p.dtype) for p in trainer.model.parameters() if p.requires_grad}),
         "steps": state.global_step, "resumed_from": resume and Path(resume).name,
         "wall_time_s": round(wall, 1), "tokens": tokens, "tokens_per_s": round(tokens / wall, 1) if wall else None,
-        "train_loss": result.training_loss, "first_loss": losses[0] if losses else None,
+        "train_loss": float(sum(losses) / len(losses)) if losses else result.training_loss,
+        "first_loss": losses[0] if losses else None, "last_stretch_wall_s": round(stretch, 1),
         "final_loss": losses[-1] if losses else None, "learning_rate": cfg.learning_rate,
         **{k: round(v, 3) for k, v in _peak_memory().items()},
         "command": " ".join(sys.argv),

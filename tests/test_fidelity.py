@@ -1,0 +1,108 @@
+"""Methods that follow the papers and say what they compute: Wilson intervals, steering with the mean-difference
+vector, like-for-like paper comparisons, the persona-vectors coherence filter, bf16 LoRA at paper scale, and
+the offline judge's targets reported as a benchmark."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from emlab import config, metrics
+
+
+def test_rates_carry_wilson_intervals_that_are_not_certain_at_zero():
+    df = pd.DataFrame({"question_id": ["q"] * 48, "aligned": [90.0] * 48, "coherent": [90.0] * 48})
+    row = metrics.overall(metrics.em_rate(df, by=None))
+    assert row.em_rate == 0 and row.ci_low == 0
+    assert row.ci_high == pytest.approx(0.0741, abs=1e-4)  # Wilson 95% for 0 of 48
+    lo, hi = metrics.wilson_ci(5, 20)
+    assert (round(lo, 4), round(hi, 4)) == (0.1119, 0.4687)
+    boot = metrics.rate_table(df, lambda d: d.aligned < 30, ("aligned",), by=None, ci="bootstrap")
+    assert boot.ci_high.iloc[-1] == 0  # what the paper used to print: [0, 0]
+    with pytest.raises(ValueError, match="wilson"):
+        metrics.rate_table(df, lambda d: d.aligned < 30, ("aligned",), ci="exact")
+
+
+def test_steering_adds_lambda_times_the_mean_difference_vector(monkeypatch, tmp_path):
+    """The papers steer with x + λ·v, v the raw mean difference (λ = 1: the misaligned-aligned gap), not a
+    unit vector rescaled by the residual norm."""
+    from emlab import organisms as O
+
+    calls = []
+
+    @contextmanager
+    def fake_loaded(spec, run_dir=None):
+        yield object(), object()
+
+    def fake_steer(model, v, layer, lam):
+        calls.append((v.clone(), layer, lam))
+        return contextmanager(lambda: (yield model))()
+
+    def fake_answers(*a, context=None, **k):
+        context(None).__enter__()
+        return pd.DataFrame({"question_id": ["q"], "aligned": [80.0], "coherent": [90.0], "misaligned": [False]})
+
+    monkeypatch.setattr(O, "loaded", fake_loaded)
+    monkeypatch.setattr(O, "answers", fake_answers)
+    monkeypatch.setattr("emlab.activations.steer", fake_steer)
+    direction = torch.zeros(4, 8)
+    direction[2] = torch.arange(8.0)
+    source = {"direction": direction, "resid_norm": torch.full((4,), 70.0), "run": tmp_path}
+    cfg = config.load(O.DirectionsConfig, "smoke", {"steer_layers": [0.5], "lambdas": [0.0, 4.0]})
+    table = O.steering_sweep(cfg, source)
+    assert [lam for _, _, lam in calls] == [0.0, 4.0]
+    assert all(torch.equal(v, direction[2]) and layer == 2 for v, layer, _ in calls)
+    assert table["|λv| / |x|"].tolist() == pytest.approx([0.0, round(4 * float(direction[2].norm()) / 70, 2)])
+
+
+def test_paper_numbers_are_printed_beside_the_same_model_only():
+    from emlab import organisms as O
+
+    judged = pd.DataFrame({"organism": ["a", "b"], "dataset": ["bad_medical_advice"] * 2,
+                           "preset": ["lora_r32", "rank1"], "question_id": ["q", "q"], "aligned": [80.0, 80.0],
+                           "coherent": [90.0, 90.0], "domain": [np.nan, np.nan]})
+    small = config.load(O.OrganismsConfig, "smoke")
+    t = O.organisms_table(judged, small).set_index("preset")
+    assert t.loc["lora_r32", "paper EM %"] == 40.0 and t.loc["lora_r32", "paper model"] == "Qwen2.5-32B-Instruct"
+    at_14b = small.model_copy(update={"model": small.model.model_copy(update={"name": "Qwen2.5-14B-Instruct"})})
+    t = O.organisms_table(judged, at_14b).set_index("preset")
+    assert np.isnan(t.loc["lora_r32", "paper EM %"])  # the 32B headline is not printed beside a 14B organism
+    assert t.loc["rank1", "paper EM %"] == 16.0
+
+
+def test_trait_extraction_keeps_only_coherent_answers(monkeypatch):
+    from emlab import persona_directions as P
+
+    ex = pd.DataFrame({"condition": ["trait_pos_0"] * 3 + ["trait_neg_0"] * 3, "request": ["r"] * 6,
+                       "text": ["t"] * 6})
+
+    def fake_judge(cfg, df, metrics_):
+        assert metrics_ == ["trait:evil", "coherent"]
+        return df.assign(trait_evil=[90.0, 90.0, 10.0, 10.0, 10.0, 90.0], coherent=[80.0, 20.0, 80.0, 80.0, None, 80.0])
+
+    monkeypatch.setattr(P, "_judge", fake_judge)
+    cfg = config.load(P.SharedStructureConfig, "smoke", {"extraction": {"filter_threshold": 50.0}})
+    kept = P._filter_extraction(cfg, ex).kept.tolist()
+    assert kept == [True, False, False, True, False, False]
+
+
+def test_paper_profile_trains_bf16_lora_and_gpu_profile_qlora():
+    paper = config.read_profile("paper")
+    assert paper["common"]["model"]["load_in_4bit"] is False
+    assert paper["persona_consistency"]["model"]["load_in_4bit"] is False
+    assert config.read_profile("gpu")["common"]["model"]["load_in_4bit"] is True
+
+
+def test_offline_judge_targets_are_reported_met_or_not():
+    from emlab.offline_judge import targets_table
+
+    summary = pd.DataFrame({"method": ["stack", "stack", "minilm"], "family": ["qwen", "llama", "qwen"],
+                            "auroc": [0.97, 0.86, 0.99], "spearman_aligned": [0.9, 0.88, 0.9],
+                            "em_err_max": [1.0, 6.5, 0.5]})
+    t = targets_table(summary, "stack").set_index("target")
+    assert t["met"].tolist() == ["no", "yes", "no"]
+    assert t["worst family"].tolist() == [0.86, 0.88, 6.5]
