@@ -31,11 +31,18 @@ help:  ## this list
 notebooks: $(EXECUTED)  ## execute every notebook into build/$(PROFILE)/
 
 # Outputs (figures/, paper/generated/) are shared by all profiles: switching profile re-runs everything.
-# The stamp changes only when the profile does, at parse time, so `make -n` / `make -q` stay honest.
-# Only goals that build a profile's outputs touch it (`make test` must not flip it).
+# Two stamps change only when their content does, at parse time (no FORCE rule, so `make -n` / `make -q` tell
+# the truth): the profile, and the commit the title page names (`git describe --dirty`). Only goals that
+# build a profile's outputs write them (`make test` must not flip the profile), and dry runs write nothing.
+DRY_RUN := $(findstring n,$(firstword -$(MAKEFLAGS)))$(findstring q,$(firstword -$(MAKEFLAGS)))
 ifneq ($(filter all notebooks paper paper/% build/%,$(or $(MAKECMDGOALS),all)),)
+ifeq ($(DRY_RUN),)
 $(shell mkdir -p build; echo $(PROFILE) | cmp -s - build/profile.stamp || echo $(PROFILE) > build/profile.stamp)
+$(shell git describe --always --dirty 2>/dev/null | cmp -s - build/git.stamp || git describe --always --dirty > build/git.stamp 2>/dev/null || touch build/git.stamp)
 endif
+endif
+build/profile.stamp build/git.stamp:  # after `make clean all` removed them
+	@mkdir -p build; echo $(PROFILE) > build/profile.stamp; git describe --always --dirty > build/git.stamp 2>/dev/null || touch build/git.stamp
 
 $(BUILD)/deps.mk: $(wildcard notebooks/*.py) | $(PY)
 	@mkdir -p $(BUILD); $(PY) -m emlab.notebooks deps --profile $(PROFILE) > $@
@@ -47,9 +54,8 @@ endif
 $(BUILD)/%.ipynb: notebooks/%.py $(LIB) data/registry.yaml build/profile.stamp | $(PY)
 	$(PY) -m emlab.notebooks run $* --profile $(PROFILE) --launcher $(LAUNCHER)
 
-# The title page stamps the commit: rebuilt when a notebook ran or git's HEAD/index moved (no FORCE, so
-# `make -n` / `make -q` tell the truth).
-paper/generated/build_info.tex: $(EXECUTED) build/profile.stamp $(wildcard .git/HEAD .git/index)
+# The title page names profile, model and commit: rebuilt when a notebook ran, a paper source or the commit changed.
+paper/generated/build_info.tex: $(EXECUTED) $(PAPER_SRC) build/profile.stamp build/git.stamp
 	@$(PY) -m emlab.paper $(PROFILE) && touch $@
 
 paper: paper/paper.pdf  ## build the PDF from the generated outputs

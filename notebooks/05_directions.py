@@ -87,8 +87,9 @@ at_layer if len(cos) else cos
 
 # %% [markdown]
 # ## Steering the base model
-# The unit direction of the first organism is added at the chosen layer(s) with norm λ × the mean residual
-# norm there, at every position while sampling.
+# As in the papers, λ times the first organism's mean-difference vector v is added to the residual stream at
+# the chosen layer(s), at every position while sampling (x + λv; λ = 1 moves by the misaligned-minus-aligned
+# difference). `|λv| / |x|` gives the push relative to the layer's mean residual norm.
 
 # %%
 steer_df = steering_sweep(cfg, dirs[source])
@@ -96,10 +97,10 @@ fig, axes = plt.subplots(1, 2, figsize=(7, 3), sharex=True)
 sns.lineplot(data=steer_df, x="lam", y="EM %", hue="layer", marker="o", ax=axes[0], palette="deep")
 sns.lineplot(data=steer_df, x="lam", y="coherent %", hue="layer", marker="o", ax=axes[1], palette="deep")
 for ax in axes:
-    ax.set(xlabel="λ (× mean residual norm)")
+    ax.set(xlabel="λ (× mean-difference vector)")
 sns.despine()
 out.figure(fig, "steering")
-out.table(steer_df[["layer", "lam", "n", "EM %", "EM lo", "EM hi", "coherent %"]], "steering",
+out.table(steer_df[["layer", "lam", "|λv| / |x|", "n", "EM %", "EM lo", "EM hi", "coherent %"]], "steering",
           caption=f"Steering the base model with {source}'s direction ({cfg.model.name}, profile {cfg.profile}).")
 steer_df
 

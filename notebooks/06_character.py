@@ -43,10 +43,12 @@ import matplotlib.pyplot as plt
 import seaborn as sns
 
 from emlab import config, paper
+from emlab.judge import check_judge_ready
 from emlab.character import (PAPER_NOTES, CharacterConfig, character_table, evaluate_characters, teacher_config,
                              transfer_matrix)
 
 cfg = config.load(CharacterConfig, profile, overrides)
+check_judge_ready(cfg.judge)  # a missing judge key or model fails here, before any sampling
 tc = teacher_config(profile)
 out = paper.Section("06_character")
 cfg

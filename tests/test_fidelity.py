@@ -106,3 +106,28 @@ def test_offline_judge_targets_are_reported_met_or_not():
     t = targets_table(summary, "stack").set_index("target")
     assert t["met"].tolist() == ["no", "yes", "no"]
     assert t["worst family"].tolist() == [0.86, 0.88, 6.5]
+
+
+def test_a_judge_pinned_by_the_profile_wins_over_the_environment(monkeypatch):
+    """§06/§07 pin GPT-4.1-mini (Su et al.) on gpu/paper; EMLAB_JUDGE_MODEL, needed by the other sections
+    of the gpu profile, must not replace it."""
+    from emlab.judge import _judge_model
+
+    monkeypatch.setenv("EMLAB_JUDGE_MODEL", "gpt-4o")
+    assert _judge_model("gpt-4.1-mini") == "gpt-4.1-mini" and _judge_model(None) == "gpt-4o"
+
+
+def test_trait_answers_are_exactly_the_questions_asked(monkeypatch):
+    """§06 (4 trait questions) and §07 (10) share a sample cache file; each must see only its own."""
+    import emlab.judge
+    import emlab.sample
+    from emlab import character
+    from emlab.data import Question
+    from emlab.organisms import EvalSettings
+
+    cached = pd.DataFrame({"question_id": [f"q{i}" for i in range(10)], "text": ["t"] * 10})
+    monkeypatch.setattr(emlab.sample, "sample", lambda *a, **k: cached)
+    monkeypatch.setattr(emlab.judge, "judge_frame", lambda df, judge, metrics: df)
+    qs = [Question(id=f"q{i}", paraphrases=["?"]) for i in range(4)]
+    df = character.sample_and_judge(None, None, qs, EvalSettings(), "smoke", 0, None, ["trait:evil"], "base", {})
+    assert df.question_id.tolist() == ["q0", "q1", "q2", "q3"]

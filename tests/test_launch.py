@@ -30,6 +30,9 @@ def test_slurm_settings_come_from_the_environment(monkeypatch):
     assert launch.parameters("submitit-local", "x")["gpus_per_node"] == 2
     monkeypatch.delenv("EMLAB_SLURM_GPUS")
     assert launch.parameters("submitit-local", "x")["gpus_per_node"] == 1
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")  # the user's choice survives: not silently GPU 0
+    assert launch.parameters("submitit-local", "x")["visible_gpus"] == [3]
+    assert "visible_gpus" not in launch.parameters("slurm", "x")
 
 
 @pytest.mark.slow

@@ -480,6 +480,9 @@ def sample_and_judge(model, tok, questions: list, ev: EvalSettings, profile: str
     scfg = sample_config(ev, profile, seed)
     out = CACHE_DIR / f"samples-{_digest({**key, 'sample': scfg.model_dump(mode='json'), 'label': label})}.jsonl"
     df = sample(model, tok, questions, scfg, adapter=label, out=out, progress=False)
+    # the cache file may hold more questions (§07 asks 10 trait questions where §06 asks 4, same key): keep
+    # exactly the ones asked for
+    df = df[df.question_id.astype(str).isin({str(q.id) for q in questions})].reset_index(drop=True)
     df = judge_frame(df, judge, metrics)
     return label_answers(df) if {"aligned", "coherent"} <= set(metrics) else df
 
@@ -727,17 +730,18 @@ NO_SCORE = "no scored answer"
 
 
 def _pct_ci(hits: np.ndarray, n_boot: int, seed: int) -> tuple[float, float, float]:
-    """Share of 0/1 ``hits`` in % with its 95% bootstrap interval; NaN x 3 when there is no scored answer."""
-    from emlab.metrics import bootstrap_ci
+    """Share of 0/1 ``hits`` in % with its 95% Wilson interval, like every rate of the paper; NaN x 3 when
+    there is no scored answer. (``n_boot``, ``seed``: kept for the callers' signature; Wilson needs neither.)"""
+    from emlab.metrics import wilson_ci
 
-    lo, hi = bootstrap_ci(hits, n_boot, seed)
+    lo, hi = wilson_ci(int(np.sum(hits)), int(np.size(hits)))
     return (100 * float(hits.mean()) if hits.size else math.nan), 100 * lo, 100 * hi
 
 
 def trigger_table(df: pd.DataFrame, cfg: TriggerConfig, n_boot: int = 1000) -> pd.DataFrame:
     """Per organism and trigger, on the trait eval questions (Su et al.): attack success ``ASR %`` = share of
     triggered answers the trait judge scores > threshold, ``clean %`` = share of untriggered answers it scores
-    <= threshold, with 95% bootstrap intervals, and the mean trait score. Answers the trait judge left unscored
+    <= threshold, with 95% Wilson intervals, and the mean trait score. Answers the trait judge left unscored
     are out of both denominators and counted (``trait unscored``); a rate over no scored answer is NaN. Beside
     them, on the first-plot questions: the EM rate with and without the trigger (over answers both the aligned
     and the coherence judge scored; the rest counted in ``unscored``)."""

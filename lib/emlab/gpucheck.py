@@ -14,8 +14,8 @@ one GPU per run (n_gpu 1, effective batch 16), finite loss, adapter checkpoints,
 interruption gives the uninterrupted run's adapter, memory back to baseline after training, seeded
 sampling is repeatable and unpenalised, hooks on the 4-bit organism (capture, steering with λ=0 is the
 identity, ablation removes the direction, adapter scale 0 is the base model), a SLURM-style job
-(submitit's local executor) sees the GPU, the bench's MFU figure, and vLLM's greedy tokens equal HF's
-when vLLM is installed.
+(submitit's local executor) sees the GPU, and the bench's MFU figure. vLLM is reported (installed or
+not) but not compared: its greedy-token check against HF is still to be written.
 """
 
 from __future__ import annotations

@@ -177,8 +177,9 @@ def score_from_top(top: dict[str, float], metric: str = "aligned", min_mass: flo
 
 
 def _judge_model(model: str | None) -> str:
-    """The OpenAI judge's model: EMLAB_JUDGE_MODEL, else ``model`` (judge.model of the profile)."""
-    name = os.environ.get("EMLAB_JUDGE_MODEL") or model
+    """The OpenAI judge's model: ``model`` when the profile pins one (§06/§07's GPT-4.1-mini, §10's
+    GPT-4o-mini: the papers' judges), else EMLAB_JUDGE_MODEL."""
+    name = model or os.environ.get("EMLAB_JUDGE_MODEL")
     if not name:
         raise JudgeError("no judge model: set EMLAB_JUDGE_MODEL or judge.model in the profile")
     return name
@@ -195,8 +196,8 @@ class OpenAIJudge:
     """A judge behind any OpenAI-compatible chat endpoint (OpenAI, a local ``vllm serve``).
 
     Configuration comes from the environment only: ``OPENAI_API_KEY`` (required; ``EMPTY`` for a local
-    server without auth), ``EMLAB_JUDGE_BASE_URL`` (optional), ``EMLAB_JUDGE_MODEL`` (overrides
-    ``model``). Up to ``concurrency`` requests run at once. Retries are the SDK's own (``max_retries``:
+    server without auth), ``EMLAB_JUDGE_BASE_URL`` (optional), ``EMLAB_JUDGE_MODEL`` (used when the
+    profile pins no ``model``). Up to ``concurrency`` requests run at once. Retries are the SDK's own (``max_retries``:
     429, 408/409, 5xx and connection errors, exponential backoff honouring Retry-After); an error that
     survives them raises :class:`JudgeError` and stops the whole batch, so a dead endpoint fails once
     instead of once per queued item. The endpoint must return ``logprobs``/``top_logprobs``; a reply

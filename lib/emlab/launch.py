@@ -32,8 +32,13 @@ def parameters(launcher: str, name: str) -> dict[str, Any]:
                           f"(local runs need no executor)")
     env = os.environ.get
     params: dict[str, Any] = {"name": f"emlab-{name}", "timeout_min": int(env("EMLAB_SLURM_TIMEOUT_MIN", 720))}
-    # submitit's local executor sets CUDA_VISIBLE_DEVICES from gpus_per_node (default 0: no GPU at all)
+    # submitit's local executor sets CUDA_VISIBLE_DEVICES from gpus_per_node (default 0: no GPU at all),
+    # counting from GPU 0 unless told which GPUs the user made visible
     params["gpus_per_node"] = int(env("EMLAB_SLURM_GPUS", 1))
+    visible = env("CUDA_VISIBLE_DEVICES", "")
+    if launcher != "slurm" and visible and all(v.strip().isdigit() for v in visible.split(",")):
+        params["visible_gpus"] = [int(v) for v in visible.split(",")]
+        params["gpus_per_node"] = min(params["gpus_per_node"], len(params["visible_gpus"]))
     if launcher == "slurm":
         params.update(cpus_per_task=int(env("EMLAB_SLURM_CPUS", 8)), mem_gb=int(env("EMLAB_SLURM_MEM_GB", 64)))
         if env("EMLAB_SLURM_PARTITION"):
