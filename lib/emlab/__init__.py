@@ -1,1 +1,8 @@
 __version__ = "0.1.0"
+
+from emlab.logs import headless as _headless  # noqa: E402
+
+if _headless():  # a papermill kernel of `emlab.notebooks run`: log lines and text progress bars in the make log
+    from emlab.logs import setup_logging as _setup
+
+    _setup()

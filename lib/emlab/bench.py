@@ -339,7 +339,9 @@ def main(argv: list[str] | None = None) -> int:
     r = sub.add_parser("readme", help="README's GPU benchmark section from bench/results/ (nothing typed in)")
     r.add_argument("--add", default=None, help="first archive this `bench gpu` output folder into bench/results/")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from emlab.logs import setup_logging
+
+    setup_logging(logging.INFO)
     if args.what == "readme":
         if args.add:
             print(f"archived {archive_gpu_run(Path(args.add))}")

@@ -479,7 +479,7 @@ def sample_and_judge(model, tok, questions: list, ev: EvalSettings, profile: str
 
     scfg = sample_config(ev, profile, seed)
     out = CACHE_DIR / f"samples-{_digest({**key, 'sample': scfg.model_dump(mode='json'), 'label': label})}.jsonl"
-    df = sample(model, tok, questions, scfg, adapter=label, out=out, progress=False)
+    df = sample(model, tok, questions, scfg, adapter=label, out=out)
     # the cache file may hold more questions (§07 asks 10 trait questions where §06 asks 4, same key): keep
     # exactly the ones asked for
     df = df[df.question_id.astype(str).isin({str(q.id) for q in questions})].reset_index(drop=True)

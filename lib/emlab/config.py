@@ -146,6 +146,57 @@ def load(cls: type[T], profile: str | None = None, overrides: dict[str, Any] | N
     return validate(cls, data, where=f"profile {profile!r}")
 
 
+EXPERIMENT_MODULES = ("datasets", "offline_judge", "organisms", "character", "jailbreak", "persona_directions",
+                      "persona", "sample", "judge", "train")
+
+
+def experiments() -> dict[str, type[Experiment]]:
+    """Every experiment config type by its profile section (``organisms``, ``phase``, ``train``...)."""
+    import importlib
+
+    out: dict[str, type[Experiment]] = {}
+    for name in EXPERIMENT_MODULES:
+        mod = importlib.import_module(f"emlab.{name}")
+        for obj in vars(mod).values():
+            if isinstance(obj, type) and issubclass(obj, Experiment) and obj.section and obj.__module__ == mod.__name__:
+                out[obj.section] = obj
+    return dict(sorted(out.items()))
+
+
+def explain(cls: type[T], profile: str, overrides: dict[str, Any] | None = None) -> list[tuple[str, Any, str]]:
+    """(key, value, source) for every leaf of the resolved config: ``default``, ``common``, the section
+    name, or ``override`` — what ``emlab config show`` prints."""
+    cfg = load(cls, profile, overrides)
+    raw = read_profile(profile)
+    layers = [("common", {k: v for k, v in (raw.get("common") or {}).items() if k in cls.model_fields}),
+              (cls.section, raw.get(cls.section) or {}), ("override", dict(overrides or {}))]
+
+    def source(path: tuple[str, ...]) -> str:
+        found = "default"
+        for name, layer in layers:
+            node: Any = layer
+            for part in path:
+                node = node.get(part, _MISSING) if isinstance(node, dict) else _MISSING
+            if node is not _MISSING:
+                found = name
+        return found
+
+    rows: list[tuple[str, Any, str]] = []
+
+    def walk(value: Any, path: tuple[str, ...]) -> None:
+        if isinstance(value, dict) and value:
+            for k, v in value.items():
+                walk(v, (*path, str(k)))
+        else:
+            rows.append((".".join(path), value, "profile" if path == ("profile",) else source(path)))
+
+    walk(cfg.model_dump(mode="json"), ())
+    return rows
+
+
+_MISSING = object()
+
+
 def validate(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
     """``cls(**data)`` with an error message that names the key, the problem and the allowed keys."""
     try:

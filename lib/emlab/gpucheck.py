@@ -383,7 +383,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the embedded SmolLM2's)")
     p.add_argument("--out", default=None, help="also write gpucheck.json here")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from emlab.logs import setup_logging
+
+    setup_logging(logging.WARNING)
     import torch
 
     device = args.device

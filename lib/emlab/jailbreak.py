@@ -284,7 +284,7 @@ def sample_jobs(model, tok, job_list: list[dict], ev: EvalSettings, profile: str
     full_key = {**key, "sample": scfg.model_dump(mode="json"), "profile": profile}
     out = cache_dir / f"samples-{_hash(full_key, n=16)}.jsonl"
     df = sample(model, tok, [{"id": j["id"], "question": j["question"], "system": j["system"]} for j in job_list],
-                scfg, adapter=label, out=out, progress=False)
+                scfg, adapter=label, out=out)
     meta = pd.DataFrame(job_list).rename(columns={"id": "question_id"}).drop(columns=["question", "system"])
     df = df.merge(meta, on="question_id", how="inner")  # rows of jobs no longer asked for are dropped
     return df

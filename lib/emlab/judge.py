@@ -564,3 +564,51 @@ def judge_frame(df, judge: Judge, metrics: Iterable[str], *, question_col: str =
         out[col] = [s.value if s.value is not None else float("nan") for s in scores]
         out[f"{col}_label"] = [s.label for s in scores]
     return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``emlab judge score FILE``: judge every answer of a samples file (``question`` + ``text`` columns,
+    .jsonl / .csv / .parquet) with the profile's judge, through the shared cache, into ``--out``."""
+    import argparse
+    import sys
+
+    import pandas as pd
+
+    from emlab.config import PROFILES, ConfigError, load
+
+    ap = argparse.ArgumentParser(prog="emlab judge", description="score answers with the profile's judge")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("score", help="add <metric> and <metric>_label columns to a samples file")
+    s.add_argument("file")
+    s.add_argument("--profile", choices=PROFILES, default=os.environ.get("PROFILE", "cpu"))
+    s.add_argument("--metrics", default=None, help="comma-separated (default: the profile's judge.metrics)")
+    s.add_argument("--out", required=True, help="output .csv, .jsonl or .parquet")
+    args = ap.parse_args(argv)
+    from emlab.logs import setup_logging
+
+    setup_logging(logging.INFO)
+    path = Path(args.file)
+    try:
+        cfg = load(JudgeConfig, args.profile)
+        check_judge_ready(cfg.judge)
+        readers = {".jsonl": lambda p: pd.read_json(p, lines=True), ".csv": pd.read_csv, ".parquet": pd.read_parquet}
+        if path.suffix not in readers or not path.is_file():
+            raise ConfigError(f"{path}: give an existing .jsonl, .csv or .parquet file")
+        df = readers[path.suffix](path)
+        missing = {"question", "text"} - set(df.columns)
+        if missing:
+            raise ConfigError(f"{path}: missing column(s) {sorted(missing)}; a samples file has question and text")
+        metrics = args.metrics.split(",") if args.metrics else cfg.metrics
+        out = judge_frame(df, get_judge(cfg.judge), metrics)
+    except (ConfigError, JudgeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    dest = Path(args.out)
+    {".csv": lambda: out.to_csv(dest, index=False), ".parquet": lambda: out.to_parquet(dest),
+     ".jsonl": lambda: out.to_json(dest, orient="records", lines=True)}.get(dest.suffix, lambda: out.to_csv(dest, index=False))()
+    print(f"{len(out)} answers judged ({', '.join(metrics)}) -> {dest}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

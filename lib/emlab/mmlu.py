@@ -20,6 +20,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
+from tqdm.auto import tqdm
 
 from emlab.config import Frozen
 from emlab.data import DataError
@@ -137,7 +138,7 @@ def evaluate(model, tokenizer, items: pd.DataFrame, batch_size: int = 16) -> pd.
     ids = letter_token_ids(tokenizer)
     rows = items.to_dict("records")
     scores, mass = [], []
-    for b in range(0, len(rows), batch_size):
+    for b in tqdm(range(0, len(rows), batch_size), desc="MMLU", unit="batch"):
         chunk = rows[b:b + batch_size]
         s, m = letter_scores(next_token_logprobs(model, tokenizer, [prompt_text(tokenizer, r) for r in chunk]), ids)
         scores.append(s)

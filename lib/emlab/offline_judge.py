@@ -812,14 +812,16 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m emlab.offline_judge", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="fit the offline judge and write build/judge/")
-    b.add_argument("--profile", default=os.environ.get("PROFILE", "cpu"),
+    b.add_argument("--profile", choices=("smoke", "cpu", "gpu", "paper"), default=os.environ.get("PROFILE", "cpu"),
                    help="takes judge_eval.build from this profile")
     b.add_argument("--out", default=None, help="default: build/judge/<profile>/")
     b.add_argument("--force", action="store_true")
     s = sub.add_parser("score", help="score a CSV with question,response columns (prints JSON lines)")
     s.add_argument("csv")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    from emlab.logs import setup_logging
+
+    setup_logging(logging.INFO)
     from emlab import config
 
     if args.cmd == "build":

@@ -213,7 +213,7 @@ def sample_questions(model, tokenizer, ev: EvalSettings, profile: str, seed: int
     from emlab.sample import sample
 
     return sample(model, tokenizer, data.load_questions(ev.questions), sample_config(ev, profile, seed),
-                  adapter=label, out=out, progress=False)
+                  adapter=label, out=out)
 
 
 def judge_answers(df: pd.DataFrame, judge_spec: JudgeSpec, domain: str | None = None) -> pd.DataFrame:

@@ -488,7 +488,7 @@ def _sample(model, tok, items: list[dict], cfg: PersonaConsistencyConfig, *, n: 
                                                   "backend": "hf", "seed": cfg.seed})
     qs = [{"id": it["id"], "question": it["question"], "system": system} for it in items]
     out = CACHE_DIR / f"{kind}-{_key(cfg.model.model_dump(), label, qs, scfg.model_dump(mode='json'))}.jsonl"
-    return sample(model, tok, qs, scfg, adapter=label, out=out, progress=False)
+    return sample(model, tok, qs, scfg, adapter=label, out=out)
 
 
 def alternatives(cfg: PersonaConsistencyConfig, model, tok, questions: list[dict]) -> pd.DataFrame:

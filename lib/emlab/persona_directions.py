@@ -201,7 +201,7 @@ def capture_rows(model, tok, df: pd.DataFrame, position: str, batch_size: int = 
         rows = df[mask]
         acts = capture(model, tok, rows["question"].tolist(),
                        rows["text"].fillna("").tolist() if position == "answer_mean" else None,
-                       batch_size=batch_size, position=position, system=system or None, progress=False)
+                       batch_size=batch_size, position=position, system=system or None)
         if out is None:
             out = torch.zeros(len(df), *acts.shape[1:])
         out[torch.as_tensor(np.flatnonzero(mask))] = acts

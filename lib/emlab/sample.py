@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -502,21 +503,58 @@ def _bench_gpu(arch: str = "qwen2.5-0.5b", n_adapters: int = 4, n_prompts: int =
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
+    """``emlab sample run``: a question set from the profile's model or a trained run, resumable into
+    ``--out``; ``emlab sample bench``: tokens/s per batch size."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m emlab.sample")
-    parser.add_argument("command", choices=["bench"])
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--batch-sizes", default="1,8,32")
-    parser.add_argument("--out", default="build/bench/sample.json")
+    from emlab.config import PROFILES, ConfigError, load, read_profile
+
+    parser = argparse.ArgumentParser(prog="emlab sample", description="sample answers (or time sampling)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="sample a question set from the profile's model, or a trained run")
+    r.add_argument("--profile", choices=PROFILES, default=os.environ.get("PROFILE", "cpu"))
+    r.add_argument("--questions", default="first_plot", help="a question set of data/registry.yaml")
+    r.add_argument("--run", default=None, help="a training run directory (build/runs/...): its adapter or model")
+    r.add_argument("--out", required=True, help="answers file (.jsonl; re-running resumes it)")
+    r.add_argument("-p", nargs=2, action="append", default=[], metavar=("KEY", "JSON"),
+                   help="a SampleConfig override, e.g. -p n_per_question 5")
+    b = sub.add_parser("bench", help="HF tokens/s per batch size (CPU), written as JSON")
+    b.add_argument("--max-new-tokens", type=int, default=64)
+    b.add_argument("--batch-sizes", default="1,8,32")
+    b.add_argument("--out", default="build/bench/sample.json")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    res = bench_sample([int(b) for b in args.batch_sizes.split(",")], args.max_new_tokens)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(res, indent=2))
-    print(json.dumps(res, indent=2))
+    from emlab.logs import setup_logging
+
+    setup_logging(logging.INFO)
+    if args.command == "bench":
+        res = bench_sample([int(x) for x in args.batch_sizes.split(",")], args.max_new_tokens)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(res, indent=2))
+        print(json.dumps(res, indent=2))
+        return 0
+    from emlab.data import DataError, load_questions
+    from emlab.organisms import loaded
+
+    overrides = {}
+    for key, value in args.p:
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    try:
+        cfg = load(SampleConfig, args.profile, overrides)
+        spec = cfg.model or ModelSpec(**read_profile(args.profile)["common"]["model"])
+        questions = load_questions(args.questions)
+    except (ConfigError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    run = Path(args.run) if args.run else None
+    with loaded(spec, run) as (model, tok):
+        df = sample(model, tok, questions, cfg, adapter=run.name if run else None, out=args.out)
+    print(f"{len(df)} answers in {args.out}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -495,7 +495,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m emlab.train", description=__doc__.split("\n")[0])
     p.add_argument("config", help="YAML of TrainConfig keys; a `profile` key selects the profile overlay")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from emlab.logs import setup_logging
+
+    setup_logging(logging.INFO)
     try:
         cfg = from_yaml(TrainConfig, args.config)
     except ConfigError as err:
