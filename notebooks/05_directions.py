@@ -1,10 +1,24 @@
 # ---
 # jupyter:
-#   jupytext: {formats: "py:percent"}
-#   kernelspec: {name: python3, display_name: Python 3, language: python}
 #   emlab:
-#     needs: [03_organisms]
-#     data: [bad_medical_advice, risky_financial_advice, betley_first_plot]
+#     data:
+#     - bad_medical_advice
+#     - risky_financial_advice
+#     - betley_first_plot
+#     needs:
+#     - 03_organisms
+#   jupytext:
+#     formats: py:percent
+#     notebook_metadata_filter: emlab
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
 # ---
 
 # %% [markdown]

@@ -1,10 +1,31 @@
 # ---
 # jupyter:
-#   jupytext: {formats: "py:percent"}
-#   kernelspec: {name: python3, display_name: Python 3, language: python}
 #   emlab:
-#     needs: [03_organisms]
-#     data: [bad_medical_advice, good_medical_advice, betley_first_plot, trait_eval_evil, trait_eval_sycophantic, trait_eval_hallucinating, trait_extract_evil, trait_extract_sycophantic, trait_extract_hallucinating, mmlu_test]
+#     data:
+#     - bad_medical_advice
+#     - good_medical_advice
+#     - betley_first_plot
+#     - trait_eval_evil
+#     - trait_eval_sycophantic
+#     - trait_eval_hallucinating
+#     - trait_extract_evil
+#     - trait_extract_sycophantic
+#     - trait_extract_hallucinating
+#     - mmlu_test
+#     needs:
+#     - 03_organisms
+#   jupytext:
+#     formats: py:percent
+#     notebook_metadata_filter: emlab
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
 # ---
 
 # %% [markdown]

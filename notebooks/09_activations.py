@@ -1,10 +1,25 @@
 # ---
 # jupyter:
-#   jupytext: {formats: "py:percent"}
-#   kernelspec: {name: python3, display_name: Python 3, language: python}
 #   emlab:
-#     needs: [08_persona_prompts]
-#     data: [bad_medical_advice, good_medical_advice, trait_extract_evil, trait_eval_evil]
+#     data:
+#     - bad_medical_advice
+#     - good_medical_advice
+#     - trait_extract_evil
+#     - trait_eval_evil
+#     needs:
+#     - 08_persona_prompts
+#   jupytext:
+#     formats: py:percent
+#     notebook_metadata_filter: emlab
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
 # ---
 
 # %% [markdown]

@@ -76,3 +76,30 @@ def test_captions_escape_run_time_names_but_keep_latex():
 
     assert caption_text("bad_medical_advice/rank1 at 50% & #3") == r"bad\_medical\_advice/rank1 at 50\% \& \#3"
     assert caption_text(r"$\lambda_1$ and 5\% of \texttt{x\_y}") == r"$\lambda_1$ and 5\% of \texttt{x\_y}"
+
+
+def test_tables_scale_down_only_and_wide_ones_split(tmp_path):
+    import pandas as pd
+
+    sec = paper.Section("t", base=tmp_path)
+    small = sec.table(pd.DataFrame({"model": ["a"], "EM %": [1.0]}), "small", "Small.").read_text()
+    assert r"\resizebox" not in small and r"\begin{adjustbox}{max width=\linewidth}" in small
+    wide = pd.DataFrame({"method": ["m"], "family": ["f"], **{f"metric {i}": [float(i)] for i in range(11)}})
+    tex = sec.table(wide, "wide", "Wide.").read_text()
+    heads = [ln for ln in tex.splitlines() if ln.startswith("method & family")]
+    assert len(heads) == 2 and all(h.count("&") <= paper.MAX_COLUMNS - 1 for h in heads)
+    assert "metric 0" in heads[0] and "metric 10" in heads[1] and tex.count(r"\label{") == 1
+
+
+def test_interactive_kernels_write_to_scratch_not_to_the_paper(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    monkeypatch.delenv("EMLAB_OUTPUT_ROOT", raising=False)
+    monkeypatch.setattr(paper, "INTERACTIVE_ROOT", tmp_path / "scratch")
+    monkeypatch.setattr(paper, "ROOT", tmp_path / "repo")
+    monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))
+    monkeypatch.delenv("EMLAB_HEADLESS", raising=False)
+    assert paper.Section("s").tables_dir == tmp_path / "scratch" / "paper" / "generated" / "s"  # Lab / Colab
+    monkeypatch.setenv("EMLAB_HEADLESS", "1")
+    assert paper.Section("s").tables_dir == tmp_path / "repo" / "paper" / "generated" / "s"  # Make's runs

@@ -56,12 +56,54 @@ def fmt(value: Any, digits: int = 1) -> str:
     return latex_escape(value)
 
 
+INTERACTIVE_ROOT = ROOT / "build" / "scratch" / "interactive"
+
+
+def _interactive() -> bool:
+    """In a Jupyter kernel that Make's runner did not start (emlab.logs.headless)."""
+    import sys
+
+    from emlab.logs import headless
+
+    return "ipykernel" in sys.modules and not headless()
+
+
+MAX_COLUMNS = 8
+
+
+def _column_parts(df: pd.DataFrame) -> list[list[str]]:
+    """Column groups of at most MAX_COLUMNS, each repeating the leading non-numeric (label) columns."""
+    cols = list(df.columns)
+    if len(cols) <= MAX_COLUMNS:
+        return [cols]
+    keys = []
+    for c in cols:
+        if pd.api.types.is_numeric_dtype(df[c]) or len(keys) >= MAX_COLUMNS // 2:
+            break
+        keys.append(c)
+    rest = [c for c in cols if c not in keys]
+    step = MAX_COLUMNS - len(keys)
+    chunks = [rest[i:i + step] for i in range(0, len(rest), step)]
+    return [keys + chunk for chunk in chunks]
+
+
+def _tabular(df: pd.DataFrame, digits: int) -> str:
+    cols = [latex_escape(c) for c in df.columns]
+    body = [" & ".join(fmt(v, digits) for v in row) + r" \\" for row in df.itertuples(index=False)]
+    align = "".join("r" if pd.api.types.is_numeric_dtype(df[c]) else "l" for c in df.columns)
+    return "\n".join([rf"\begin{{adjustbox}}{{max width=\linewidth}}\begin{{tabular}}{{{align}}}", r"\toprule",
+                      " & ".join(cols) + r" \\", r"\midrule", *body, r"\bottomrule",
+                      r"\end{tabular}\end{adjustbox}"])
+
+
 class Section:
     """Output writer of one notebook (paper section)."""
 
     def __init__(self, name: str, base: Path | None = None):
-        # EMLAB_OUTPUT_ROOT lets tests run notebooks without touching the repo's figures/ and paper/.
-        base = Path(base or os.environ.get("EMLAB_OUTPUT_ROOT") or ROOT)
+        # EMLAB_OUTPUT_ROOT lets tests run notebooks without touching the repo's figures/ and paper/; an
+        # interactive kernel (Lab, Colab) writes to build/scratch/interactive/, so trying a notebook never
+        # changes the outputs the paper is built from (Make's headless runs write to the repo).
+        base = Path(base or os.environ.get("EMLAB_OUTPUT_ROOT") or (INTERACTIVE_ROOT if _interactive() else ROOT))
         self.name = name
         self.tables_dir = base / "paper" / "generated" / name
         self.figures_dir = base / "figures" / name
@@ -69,18 +111,17 @@ class Section:
         self._macros: dict[str, str] = {}
 
     def table(self, df: pd.DataFrame, name: str, caption: str, digits: int = 1, index: bool = False) -> Path:
-        """Write ``df`` as CSV (full precision) and as a booktabs LaTeX table (formatted)."""
+        """Write ``df`` as CSV (full precision) and as a booktabs LaTeX table (formatted). A table is only
+        ever scaled down to the text width, never up; one wider than ``MAX_COLUMNS`` is split into stacked
+        parts that repeat its leading label columns."""
         df.to_csv(self.tables_dir / f"{name}.csv", index=index)
         shown = df.reset_index() if index else df
-        cols = [latex_escape(c) for c in shown.columns]
-        body = [" & ".join(fmt(v, digits) for v in row) + r" \\" for row in shown.itertuples(index=False)]
-        align = "".join("r" if pd.api.types.is_numeric_dtype(shown[c]) else "l" for c in shown.columns)
         label = f"tab:{self.name}:{name}"
+        parts = [_tabular(shown[cols], digits) for cols in _column_parts(shown)]
         tex = "\n".join([
             r"\begin{table}[t]", r"\centering", r"\small",
-            rf"\caption{{{caption_text(caption)}}}", rf"\label{{{label}}}",
-            rf"\resizebox{{\linewidth}}{{!}}{{\begin{{tabular}}{{{align}}}", r"\toprule",
-            " & ".join(cols) + r" \\", r"\midrule", *body, r"\bottomrule", r"\end{tabular}}", r"\end{table}", "",
+            rf"\caption{{{caption_text(caption)}}}", rf"\label{{{label}}}", "\n\\par\\medskip\n".join(parts),
+            r"\end{table}", "",
         ])
         path = self.tables_dir / f"{name}.tex"
         path.write_text(tex)
