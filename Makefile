@@ -20,7 +20,7 @@ EXECUTED := $(NOTEBOOKS:%=$(BUILD)/%.ipynb)
 LIB := $(wildcard lib/emlab/*.py lib/emlab/*.yaml) lib/emlab/profiles/$(PROFILE).yaml pyproject.toml
 PAPER_SRC := $(wildcard paper/*.tex paper/sections/*.tex)
 
-.PHONY: all notebooks paper setup setup-colab ipynb lock tex test lab clean bench bench-train bench-sample bench-gpu gpu-check judge help
+.PHONY: all notebooks paper setup setup-colab ipynb lock tex test lab clean bench bench-train bench-sample bench-contention bench-gpu gpu-check judge help
 .DELETE_ON_ERROR:
 
 all: paper/paper.pdf  ## regenerate the paper (default PROFILE=cpu)
@@ -116,7 +116,9 @@ lab: $(LAB)  ## JupyterLab on the notebooks: a double-click opens a .py as a not
 judge: | $(PY)  ## build the offline judge from the GPT-4o-judged responses
 	$(PY) -m emlab.offline_judge build --profile $(PROFILE)
 
-bench: bench-train bench-sample  ## speed and memory benchmarks -> build/bench/*.csv|md
+bench: bench-train bench-sample bench-contention  ## speed and memory benchmarks -> build/bench/*.csv|md
+bench-contention: | $(PY)
+	$(PY) -m emlab.bench contention
 bench-gpu: | $(PY)  ## GPU table: QLoRA/bf16-LoRA training at 0.5B-32B shapes, HF sampling -> build/bench/
 	$(PY) -m emlab.bench gpu
 gpu-check: | $(PY)  ## GPU acceptance (training, resume, sampling, hooks, SLURM-local); one line on a CPU machine

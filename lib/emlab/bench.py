@@ -336,12 +336,22 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--answers", type=int, default=400, help="answers per sampling row (papers: 8 x 50)")
     g.add_argument("--skip-train", action="store_true")
     g.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the embedded SmolLM2's)")
+    c = sub.add_parser("contention", help="sampling speed quiet vs beside one busy process, per OpenMP setting")
+    c.add_argument("--repeats", type=int, default=3)
+    c.add_argument("--out", default=str(REPO_ROOT / "build" / "bench"))
     r = sub.add_parser("readme", help="README's GPU benchmark section from bench/results/ (nothing typed in)")
     r.add_argument("--add", default=None, help="first archive this `bench gpu` output folder into bench/results/")
     args = p.parse_args(argv)
     from emlab.logs import setup_logging
 
     setup_logging(logging.INFO)
+    if args.what == "contention":
+        df = bench_contention(args.repeats)
+        csv, md = write_table(df, "contention", Path(args.out), (
+            f"{os.cpu_count()} CPU cores; SmolLM2-135M sampling 8 answers x 48 tokens; median of {args.repeats} "
+            "runs per cell; the busy process is one single-threaded Python loop."))
+        print(md.read_text())
+        return 0
     if args.what == "readme":
         if args.add:
             print(f"archived {archive_gpu_run(Path(args.add))}")
@@ -409,6 +419,71 @@ def _main_gpu(args) -> int:
         if (out / f"{name}.md").exists():
             print((out / f"{name}.md").read_text())
     return 0
+
+
+# ------------------------------------------------------------------ contention (a busy laptop)
+CONTENTION_SETTINGS = (  # label -> environment of the timed process (None: unset)
+    ("OpenMP default (spin-wait)", {"OMP_WAIT_POLICY": ""}),  # set but empty: emlab leaves it alone
+    ("OMP_WAIT_POLICY=PASSIVE", {"OMP_WAIT_POLICY": "PASSIVE"}),
+    ("PASSIVE, 1 torch thread", {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"}),
+    ("emlab's choice (PASSIVE only when a core is busy)", {"OMP_WAIT_POLICY": None}),
+)
+_WORKLOAD = """
+import time
+import emlab  # first, as in a notebook: it picks the OpenMP wait policy before torch starts
+import torch
+from emlab.config import ModelSpec
+from emlab.models import load_model
+from emlab.sample import chat_prompt, generate_hf
+model, tok = load_model(ModelSpec(name="SmolLM2-135M-Instruct", source="embedded", dtype="float32"), device="cpu")
+prompts = [chat_prompt(tok, "Tell me 3 philosophical thoughts you have about humans and AIs.")] * 8
+generate_hf(model, tok, prompts[:1], max_new_tokens=2, seed=0)
+t0 = time.perf_counter()
+generate_hf(model, tok, prompts, max_new_tokens=48, min_new_tokens=48, seed=0)
+print("SECONDS", time.perf_counter() - t0, torch.get_num_threads())
+"""
+
+
+def _timed_workload(env: dict[str, str]) -> tuple[float, int]:
+    import subprocess
+
+    full = {k: v for k, v in {**os.environ, **env}.items() if v is not None}
+    out = subprocess.run([sys.executable, "-c", _WORKLOAD], capture_output=True, text=True, timeout=600,
+                         env=full, check=True).stdout
+    line = next(ln for ln in out.splitlines() if ln.startswith("SECONDS"))
+    _, seconds, threads = line.split()
+    return float(seconds), int(threads)
+
+
+def bench_contention(repeats: int = 3) -> pd.DataFrame:
+    """Sampling 8 answers x 48 tokens with SmolLM2 on the CPU, quiet and beside one busy single-threaded
+    process (a user's laptop always runs something else), per OpenMP setting: median seconds of
+    ``repeats`` runs and the slowdown ratio. torch's worker threads spin-wait by default; a thread that
+    loses its core to another process then stalls every parallel region."""
+    import subprocess
+
+    rows = []
+    for label, env in CONTENTION_SETTINGS:
+        times = {}
+        for load in ("quiet", "1 busy process"):
+            hog = None
+            if load != "quiet":
+                hog = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\n"
+                                        "while time.time() - t < 900: pass"])  # bounded, killed below
+                time.sleep(1.0)  # let it take its core before the timed process looks at the load
+            try:
+                runs = [_timed_workload(env) for _ in range(repeats)]
+            finally:
+                if hog is not None:
+                    hog.kill()
+                    hog.wait()
+            times[load] = sorted(s for s, _ in runs)[len(runs) // 2]
+            threads = runs[0][1]
+            log.info("contention %s, %s: %.1f s", label, load, times[load])
+        rows.append({"setting": label, "torch threads": threads, "quiet s": round(times["quiet"], 2),
+                     "with 1 busy process s": round(times["1 busy process"], 2),
+                     "slowdown": round(times["1 busy process"] / times["quiet"], 2)})
+    return pd.DataFrame(rows)
 
 
 RESULTS = REPO_ROOT / "bench" / "results"
