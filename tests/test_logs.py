@@ -37,11 +37,12 @@ def test_passive_openmp_only_when_another_process_keeps_a_core_busy(monkeypatch)
     passive waiting costs time on a quiet machine, so emlab picks it only under load."""
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     monkeypatch.delitem(sys.modules, "torch", raising=False)
-    monkeypatch.setattr(logs, "busy_cores", lambda: 0.1)
+    monkeypatch.setattr(logs, "busy_cores", lambda *a: 0.1)
     assert logs.choose_wait_policy() is None and "OMP_WAIT_POLICY" not in os.environ
-    monkeypatch.setattr(logs, "busy_cores", lambda: 1.0)
+    monkeypatch.setattr(logs, "busy_cores", lambda *a: 1.0)
     assert logs.choose_wait_policy() == "PASSIVE" and os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # the user's choice is kept
     assert logs.choose_wait_policy() is None and os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+    monkeypatch.undo()
     busy = logs.busy_cores(0.05)
     assert busy is None or 0 <= busy <= (os.cpu_count() or 1)
