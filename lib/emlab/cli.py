@@ -46,12 +46,7 @@ def config_main(argv: list[str]) -> int:
     s.add_argument("-p", nargs=2, action="append", default=[], metavar=("KEY", "JSON"),
                    help="an override, as a notebook's `overrides` would give it")
     args = ap.parse_args(argv)
-    overrides: dict = {}
-    for key, value in args.p:
-        try:
-            overrides[key] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key] = value
+    overrides = {key: config.cli_value(value) for key, value in args.p}
     try:
         rows = config.explain(config.experiments()[args.experiment], args.profile, overrides)
     except config.ConfigError as err:

@@ -229,6 +229,14 @@ def _field_owner(cls: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
     return owner if isinstance(owner, type) else None
 
 
+def cli_value(text: str) -> Any:
+    """A command-line value (``-p KEY VALUE``): JSON when it parses as JSON, else the plain string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
 def from_yaml(cls: type[T], path: str | Path) -> T:
     """Load a config saved as YAML (CLI: ``python -m emlab.train run.yaml``). A ``profile`` key in the
     file selects the profile overlay; the rest are overrides."""

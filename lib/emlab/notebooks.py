@@ -28,7 +28,7 @@ from typing import Any
 import jupytext
 
 from emlab import launch
-from emlab.config import PROFILES, ConfigError
+from emlab.config import PROFILES, ConfigError, cli_value
 
 ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOK_DIR = ROOT / "notebooks"
@@ -145,14 +145,6 @@ def deps(profile: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _value(text: str) -> Any:
-    """CLI parameter values are JSON when they parse as JSON, else plain strings."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m emlab.notebooks", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -171,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(logging.INFO)
     try:
         if args.cmd == "run":
-            params = {k: _value(v) for k, v in args.p}
+            params = {k: cli_value(v) for k, v in args.p}
             if "profile" in params:
                 raise ConfigError("give the profile with --profile, not -p profile (it would silently win)")
             check_parameters(args.name, {"profile": args.profile, **params})  # fail here, not in a job

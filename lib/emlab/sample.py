@@ -508,7 +508,7 @@ def main(argv: list[str] | None = None) -> int:
     ``--out``; ``emlab sample bench``: tokens/s per batch size."""
     import argparse
 
-    from emlab.config import PROFILES, ConfigError, load, read_profile
+    from emlab.config import PROFILES, ConfigError, cli_value, load, read_profile
 
     parser = argparse.ArgumentParser(prog="emlab sample", description="sample answers (or time sampling)")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -536,12 +536,7 @@ def main(argv: list[str] | None = None) -> int:
     from emlab.data import DataError, load_questions
     from emlab.organisms import loaded
 
-    overrides = {}
-    for key, value in args.p:
-        try:
-            overrides[key] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key] = value
+    overrides = {key: cli_value(value) for key, value in args.p}
     try:
         cfg = load(SampleConfig, args.profile, overrides)
         spec = cfg.model or ModelSpec(**read_profile(args.profile)["common"]["model"])
