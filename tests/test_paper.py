@@ -103,3 +103,9 @@ def test_interactive_kernels_write_to_scratch_not_to_the_paper(tmp_path, monkeyp
     assert paper.Section("s").tables_dir == tmp_path / "scratch" / "paper" / "generated" / "s"  # Lab / Colab
     monkeypatch.setenv("EMLAB_HEADLESS", "1")
     assert paper.Section("s").tables_dir == tmp_path / "repo" / "paper" / "generated" / "s"  # Make's runs
+
+
+def test_pipes_and_comparisons_print_as_themselves():
+    """OT1 fonts turned `|EM err|` into em dashes and `>= 0.95` into an inverted question mark."""
+    assert paper.latex_escape("max |EM err| >= 3 < 4") == r"max \textbar{}EM err\textbar{} \textgreater{}= 3 \textless{} 4"
+    assert paper.fmt(">= 0.95") == r"\textgreater{}= 0.95"
