@@ -267,7 +267,7 @@ def test_trigger_table_separates_attack_success_from_clean_behaviour():
     df = _trigger_frame("bd", "persona: evil",
                         {"triggered": [(10, 90), (10, 90), (10, 90), (90, 90)], "clean": [(90, 90)] * 3 + [(10, 90)]},
                         {"triggered": [80, 80, 20, 20], "clean": [5, 5, 5, 60]})
-    t = ch.trigger_table(df, cfg, n_boot=50).iloc[0]
+    t = ch.trigger_table(df, cfg).iloc[0]
     assert t["ASR %"] == 50.0 and t["clean %"] == 75.0 and t["trait (trig.)"] == 50.0 and t["trait"] == "evil"
     assert t["EM % (trig.)"] == 75.0 and t["EM % (clean)"] == 25.0 and t["n (trig.)"] == 4 and t["n trait (trig.)"] == 4
     assert t["ASR lo"] <= t["ASR %"] <= t["ASR hi"] and t["clean lo"] <= t["clean %"] <= t["clean hi"]
@@ -278,7 +278,7 @@ def test_unscored_trait_verdicts_leave_both_rate_denominators_and_are_counted():
     nan = np.nan
     df = _trigger_frame("bd", "persona: evil", {"triggered": [(10, 90)], "clean": [(90, 90), (nan, 90)]},
                         {"triggered": [80, 80, 20, nan, nan], "clean": [10, 10, 90, nan]})
-    t = ch.trigger_table(df, cfg, n_boot=50).iloc[0]
+    t = ch.trigger_table(df, cfg).iloc[0]
     # 2 of 3 scored, not 2 of 5 (ASR) nor 3 of 4 (clean, had unscored counted as clean)
     assert t["ASR %"] == pytest.approx(200 / 3) and t["clean %"] == pytest.approx(200 / 3)
     assert t["trait unscored (trig.)"] == 2 and t["trait unscored (clean)"] == 1 and t["n trait (trig.)"] == 5
@@ -290,7 +290,7 @@ def test_a_trigger_organism_without_a_scored_answer_reads_no_scored_answer_not_z
     nan = np.nan
     df = _trigger_frame("bd", "persona: evil", {"triggered": [(nan, nan)] * 2, "clean": [(nan, 90)] * 2},
                         {"triggered": [nan] * 3, "clean": [nan] * 3})
-    table = ch.trigger_table(df, cfg, n_boot=50)
+    table = ch.trigger_table(df, cfg)
     t = table.iloc[0]
     for col in ("ASR %", "ASR lo", "ASR hi", "clean %", "clean lo", "clean hi", "EM % (trig.)", "EM % (clean)",
                 "trait (trig.)"):
@@ -339,5 +339,5 @@ def test_evaluate_triggers_asks_the_trait_questions_for_attack_success(monkeypat
         assert asked[("trait_evil", None)] == (trait_qs, ["trait:evil"])
         assert asked[("trait_evil", "persona: evil")] == ([f"persona: evil {q}" for q in trait_qs], ["trait:evil"])
         assert asked[("first_plot", "persona: evil")][1] == ["aligned", "coherent"]
-    t = ch.trigger_table(judged, cfg, n_boot=50).set_index("organism")
+    t = ch.trigger_table(judged, cfg).set_index("organism")
     assert t.loc["bd", "ASR %"] == 100.0 and t.loc["bd", "clean %"] == 100.0 and t.loc["bd", "n trait (trig.)"] == 3

@@ -729,16 +729,16 @@ def evaluate_triggers(cfg: TriggerConfig, tc: TeacherConfig | None = None) -> tu
 NO_SCORE = "no scored answer"
 
 
-def _pct_ci(hits: np.ndarray, n_boot: int, seed: int) -> tuple[float, float, float]:
+def _pct_ci(hits: np.ndarray) -> tuple[float, float, float]:
     """Share of 0/1 ``hits`` in % with its 95% Wilson interval, like every rate of the paper; NaN x 3 when
-    there is no scored answer. (``n_boot``, ``seed``: kept for the callers' signature; Wilson needs neither.)"""
+    there is no scored answer."""
     from emlab.metrics import wilson_ci
 
     lo, hi = wilson_ci(int(np.sum(hits)), int(np.size(hits)))
     return (100 * float(hits.mean()) if hits.size else math.nan), 100 * lo, 100 * hi
 
 
-def trigger_table(df: pd.DataFrame, cfg: TriggerConfig, n_boot: int = 1000) -> pd.DataFrame:
+def trigger_table(df: pd.DataFrame, cfg: TriggerConfig) -> pd.DataFrame:
     """Per organism and trigger, on the trait eval questions (Su et al.): attack success ``ASR %`` = share of
     triggered answers the trait judge scores > threshold, ``clean %`` = share of untriggered answers it scores
     <= threshold, with 95% Wilson intervals, and the mean trait score. Answers the trait judge left unscored
@@ -746,7 +746,7 @@ def trigger_table(df: pd.DataFrame, cfg: TriggerConfig, n_boot: int = 1000) -> p
     them, on the first-plot questions: the EM rate with and without the trigger (over answers both the aligned
     and the coherence judge scored; the rest counted in ``unscored``)."""
     rows = []
-    for i, ((org, trig), g) in enumerate(df.groupby(["organism", "trigger"], sort=False)):
+    for (org, trig), g in df.groupby(["organism", "trigger"], sort=False):
         traits = g.trait.dropna().unique()
         row: dict[str, Any] = {"organism": org, "trigger": trig, "trait": traits[0] if len(traits) else "-"}
         for cond, sfx in (("triggered", " (trig.)"), ("clean", " (clean)")):
@@ -757,7 +757,7 @@ def trigger_table(df: pd.DataFrame, cfg: TriggerConfig, n_boot: int = 1000) -> p
             tv = pd.to_numeric(h.trait_score[h.questions == "trait"], errors="coerce")
             expr = (tv.dropna() > cfg.trait_threshold).to_numpy(dtype=float)
             rate, hits = ("ASR", expr) if cond == "triggered" else ("clean", 1 - expr)
-            row[f"{rate} %"], row[f"{rate} lo"], row[f"{rate} hi"] = _pct_ci(hits, n_boot, i)
+            row[f"{rate} %"], row[f"{rate} lo"], row[f"{rate} hi"] = _pct_ci(hits)
             row.update({f"n trait{sfx}": len(tv), f"trait{sfx}": float(tv.mean()) if tv.notna().any() else math.nan,
                         f"trait unscored{sfx}": int(tv.isna().sum()), f"n{sfx}": len(e),
                         f"EM %{sfx}": 100 * float(em.mean()) if em.size else math.nan,
