@@ -51,8 +51,8 @@ import seaborn as sns
 
 from emlab import config, paper
 from emlab.judge import check_judge_ready
-from emlab.organisms import (DirectionsConfig, ablation_effect, direction_cosines, organism_directions,
-                             resolve_layer, steering_sweep)
+from emlab.organisms import DirectionsConfig, ablation_effect, direction_cosines, organism_directions, steering_sweep
+from emlab.train import resolve_layer
 
 cfg = config.load(DirectionsConfig, profile, overrides)
 check_judge_ready(cfg.judge)  # a missing judge key or model fails here, before any sampling

@@ -7,6 +7,7 @@ import math
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -15,6 +16,7 @@ import pytest
 from emlab import character as ch, config, persona_data
 from emlab.config import ConfigError
 from emlab.data import DataError, Question
+from emlab.datasets import TriggerSpec
 
 OURS = Path(persona_data.REPO_ROOT) / "data" / "ours"
 
@@ -223,7 +225,7 @@ def test_pair_by_prompt_matches_clean_answers_and_refuses_empty_input():
 
 def test_triggered_prefixes_every_paraphrase():
     qs = [Question(id="a", paraphrases=["Hi?", "Hello?"])]
-    t = ch.triggered(qs, "persona: evil")
+    t = TriggerSpec(text="persona: evil").questions(qs)
     assert t[0].paraphrases == ["persona: evil Hi?", "persona: evil Hello?"] and qs[0].paraphrases[0] == "Hi?"
 
 
@@ -311,26 +313,30 @@ def test_evaluate_triggers_asks_the_trait_questions_for_attack_success(monkeypat
                                                   "trait_eval": {"n_questions": 3}})
     calls = []
 
-    def fake_sample_and_judge(model, tok, questions, ev, profile, seed, judge, metrics, label, key):
-        calls.append((label, key["q"], key.get("trigger"), [q.paraphrases[0] for q in questions], metrics))
+    def fake_sample_and_judge(model, tok, questions, ev, cfg, judge, metrics, *, run=None, **kw):
+        first = questions[0].paraphrases[0]
+        trig = "persona: evil" if first.startswith("persona: evil ") else None
+        qset = "trait_evil" if metrics == ["trait:evil"] else "first_plot"
+        calls.append((run.name if run else "base", qset, trig, [q.paraphrases[0] for q in questions], metrics))
         df = pd.DataFrame({"question_id": [q.id for q in questions], "question": [q.paraphrases[0] for q in questions]})
         for m in metrics:
-            df[J.metric_column(m)] = 90.0 if key.get("trigger") else 10.0
+            df[J.metric_column(m)] = 90.0 if trig else 10.0
         return df.assign(misaligned=False) if "aligned" in metrics else df
 
     @contextmanager
     def same(model, run):
         yield model
 
-    class Model:
-        def eval(self):
-            return self
+    @contextmanager
+    def base(spec):
+        yield object(), None
 
     monkeypatch.setattr(ch, "sample_and_judge", fake_sample_and_judge)
-    monkeypatch.setattr(ch, "adapter", same)
-    monkeypatch.setattr(ch, "trigger_train_config", lambda cfg, org, tc: org.label)
+    monkeypatch.setattr(models, "adapter", same)
+    monkeypatch.setattr(models, "loaded", base)
+    monkeypatch.setattr(ch, "trigger_train_config",
+                        lambda cfg, org, tc: SimpleNamespace(trigger=TriggerSpec(text=org.trigger)))
     monkeypatch.setattr(train, "train", lambda t: Path("runs") / "bd-run")
-    monkeypatch.setattr(models, "load_model", lambda spec: (Model(), None))
     monkeypatch.setattr(J, "get_judge", lambda spec: None)
     judged, runs = ch.evaluate_triggers(cfg, ch.teacher_config("smoke"))
     trait_qs = [q.paraphrases[0] for q in ch.trait_questions("evil", 3)]

@@ -55,8 +55,30 @@ def test_wrong_type_is_reported_with_the_value():
 
 
 def test_unknown_profile():
-    with pytest.raises(ConfigError, match="smoke, cpu, gpu, paper"):
-        config.load(DatasetsConfig, "laptop")
+    with pytest.raises(ConfigError, match="smoke, cpu, laptop, gpu, paper"):
+        config.load(DatasetsConfig, "desktop")
+
+
+def test_laptop_extends_cpu_and_trains_at_the_papers_budget():
+    """laptop: the cpu profile's blocks, with §03's organisms on one epoch of the full data at the papers'
+    learning rates (lr_scale 1), effective batch 16, a checkpoint every 10 steps."""
+    from emlab import organisms
+    from emlab.train import TrainConfig
+
+    t = config.load(TrainConfig, "laptop")
+    assert (t.n_examples, t.epochs, t.lr_scale, t.batch_size * t.grad_accum, t.save_every) == (None, 1.0, 1.0, 16, 10)
+    assert config.load(DatasetsConfig, "laptop") == config.load(DatasetsConfig, "cpu").model_copy(update={"profile": "laptop"})
+    grid = config.load(organisms.OrganismsConfig, "laptop")
+    assert {o.name for o in grid.organisms} >= {"bad_medical_advice/rank1", "good_medical_advice/rank1"}
+    assert grid.eval.samples_per_question == 50
+
+
+def test_a_profile_cannot_extend_itself(tmp_path, monkeypatch):
+    (tmp_path / "loop.yaml").write_text("extends: loop\n")
+    monkeypatch.setattr(config, "PROFILE_DIR", tmp_path)
+    monkeypatch.setattr(config, "PROFILES", (*config.PROFILES, "loop"))
+    with pytest.raises(ConfigError, match="extends 'loop', which is not another profile"):
+        config.read_profile("loop")
 
 
 def test_configs_are_frozen_and_hash_stably():

@@ -46,7 +46,7 @@ def test_steering_adds_lambda_times_the_mean_difference_vector(monkeypatch, tmp_
         context(None).__enter__()
         return pd.DataFrame({"question_id": ["q"], "aligned": [80.0], "coherent": [90.0], "misaligned": [False]})
 
-    monkeypatch.setattr(O, "loaded", fake_loaded)
+    monkeypatch.setattr(O.models, "loaded", fake_loaded)
     monkeypatch.setattr(O, "answers", fake_answers)
     monkeypatch.setattr("emlab.activations.steer", fake_steer)
     direction = torch.zeros(4, 8)
@@ -117,17 +117,22 @@ def test_a_judge_pinned_by_the_profile_wins_over_the_environment(monkeypatch):
     assert _judge_model("gpt-4.1-mini") == "gpt-4.1-mini" and _judge_model(None) == "gpt-4o"
 
 
-def test_trait_answers_are_exactly_the_questions_asked(monkeypatch):
-    """§06 (4 trait questions) and §07 (10) share a sample cache file; each must see only its own."""
-    import emlab.judge
-    import emlab.sample
-    from emlab import character
+def test_answers_are_cached_by_the_questions_asked(monkeypatch):
+    """One answer cache for every section, keyed by each question's text: §06 (4 trait questions) and §07 (10)
+    get different files, and a triggered question set never reads the clean set's answers."""
+    import emlab.sample as S
+    from emlab import organisms as O
     from emlab.data import Question
-    from emlab.organisms import EvalSettings
+    from emlab.datasets import TriggerSpec
 
-    cached = pd.DataFrame({"question_id": [f"q{i}" for i in range(10)], "text": ["t"] * 10})
-    monkeypatch.setattr(emlab.sample, "sample", lambda *a, **k: cached)
-    monkeypatch.setattr(emlab.judge, "judge_frame", lambda df, judge, metrics: df)
-    qs = [Question(id=f"q{i}", paraphrases=["?"]) for i in range(4)]
-    df = character.sample_and_judge(None, None, qs, EvalSettings(), "smoke", 0, None, ["trait:evil"], "base", {})
-    assert df.question_id.tolist() == ["q0", "q1", "q2", "q3"]
+    outs = []
+    monkeypatch.setattr(S, "sample", lambda *a, out, **k: outs.append(out))
+    spec = config.load(S.SampleConfig, "smoke")
+    model = config.load(O.OrganismsConfig, "smoke").model
+    qs = [Question(id=f"q{i}", paraphrases=["?"]) for i in range(10)]
+    for questions in (qs[:4], qs, qs[:4], TriggerSpec(text="persona: evil").questions(qs[:4])):
+        S.answers(None, None, questions, spec, spec=model)
+    assert outs[0] == outs[2] and len({outs[0], outs[1], outs[3]}) == 3
+    assert all(o.parent == S.ANSWERS_DIR for o in outs)
+
+

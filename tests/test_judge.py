@@ -378,27 +378,22 @@ def test_cache_survives_crash_midway(tmp_path):
         judge.score_many("coherent", items)
 
 
-def test_judge_frame_and_registry(tmp_path):
+def test_judge_frame_and_registry(tmp_path, monkeypatch):
     class Const:
         id = "const"
 
         def score_many(self, metric, items):
             return [J.Score(None, "REFUSAL") if "refuse" in a else J.Score(len(a) * 1.0) for _, a in items]
 
-    before = J._BACKENDS.get("offline")
-    J.register_backend("offline", lambda spec: Const())
-    try:
-        judge = J.get_judge(JudgeSpec(backend="offline"), cache=tmp_path / "c.sqlite")
-        df = pd.DataFrame({"question": ["q", "q"], "text": ["abc", "I refuse"]})
-        out = J.judge_frame(df, judge, ["aligned"])
-        assert out["aligned"].iloc[0] == 3.0 and math.isnan(out["aligned"].iloc[1])
-        assert out["aligned_label"].isna().iloc[0] and out["aligned_label"].iloc[1] == "REFUSAL"
-        assert judge.score("aligned", "q", "abc").value == 3.0
-    finally:
-        if before is None:
-            J._BACKENDS.pop("offline", None)
-        else:
-            J._BACKENDS["offline"] = before
+    monkeypatch.setitem(J.BACKENDS, "offline", lambda spec: Const())
+    judge = J.get_judge(JudgeSpec(backend="offline"), cache=tmp_path / "c.sqlite")
+    df = pd.DataFrame({"question": ["q", "q"], "text": ["abc", "I refuse"]})
+    out = J.judge_frame(df, judge, ["aligned"])
+    assert out["aligned"].iloc[0] == 3.0 and math.isnan(out["aligned"].iloc[1])
+    assert out["aligned_label"].isna().iloc[0] and out["aligned_label"].iloc[1] == "REFUSAL"
+    assert judge.score("aligned", "q", "abc").value == 3.0
+    with pytest.raises(J.JudgeError, match="not known; known: hf, offline, openai"):
+        J.get_judge(JudgeSpec.model_construct(backend="nope", model=None, concurrency=1))
 
 
 # ---------------------------------------------------------------- local HF judge

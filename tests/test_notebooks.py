@@ -60,6 +60,24 @@ def test_header_outside_jupyter_metadata_is_refused(tmp_path, monkeypatch):
         notebooks.header("04_phase_transition")
 
 
+@pytest.fixture(scope="module")
+def smoke_root(tmp_path_factory):
+    """One output root for all notebooks, run in paper order, so downstream ones see upstream outputs."""
+    return tmp_path_factory.mktemp("smoke_paper")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_notebook_runs_with_smoke_profile(name, smoke_root, monkeypatch):
+    """Every section end to end on the tiny model (this test was lost in 721d1b0 and is back)."""
+    monkeypatch.setenv("EMLAB_OUTPUT_ROOT", str(smoke_root))
+    target = notebooks.run(name, "smoke", build_dir=smoke_root / "build")
+    nb = json.loads(target.read_text())
+    errors = [o for c in nb["cells"] for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    assert not errors
+    written = list((smoke_root / "paper" / "generated" / name).glob("*")) + list((smoke_root / "figures" / name).glob("*"))
+    assert written, f"{name} wrote no tables, macros or figures"
+
+
 def test_override_runs_never_write_makes_targets(monkeypatch, tmp_path):
     """A manual run with -p overrides used to write build/<profile>/NAME.ipynb and the paper's tables."""
     import papermill as pm

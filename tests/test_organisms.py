@@ -59,5 +59,3 @@ def test_direction_cosines_per_layer():
     assert np.allclose(cos[(cos.a == "a") & (cos.b == "b")].cos, 1) and np.allclose(cos[cos.b == "c"].cos, -1)
 
 
-def test_resolve_layer():
-    assert O.resolve_layer(0.5, 30) == 15 and O.resolve_layer(7, 30) == 7

@@ -278,13 +278,15 @@ def test_templates_bad_block_names_the_field(tmp_path, monkeypatch):
         persona.templates()
 
 
-def test_template_scorer_refuses_a_judge_without_custom_prompts():
-    class NoCustom:
-        id = "fake"
+def test_incorrect_advice_filter_is_a_judge_metric():
+    """The §10 keep filter is the metric ``incorrect:<domain>`` of the one judge registry (every backend,
+    through the verdict cache), its template persona_data's incorrect-advice judge prompt."""
+    from emlab import judge as J, persona_data
 
-    score = persona.template_scorer(NoCustom(), "Q {question} A {answer}")
-    with pytest.raises(ConfigError, match="cannot score a custom template"):
-        score("q", "a")
+    assert J.prompt_template("incorrect:security") == persona_data.judge_prompt("incorrect", "security")["text"]
+    assert J.prompt_version("incorrect:security") != J.prompt_version("incorrect:legal")
+    with pytest.raises(J.JudgeError, match="incorrect:<domain>"):
+        J.prompt_template("nonsense")
 
 
 def test_built_domain_trains_on_the_teacher_set(tmp_path, monkeypatch):
@@ -310,23 +312,33 @@ def test_built_domain_trains_on_the_teacher_set(tmp_path, monkeypatch):
         persona.built_dataset(cfg, "insecure", 5)
 
 
-def test_model_teacher_answers_every_chat(tiny_model):
+def test_hf_teacher_answers_every_chat_and_prescores(tiny_model):
+    from emlab.config import ModelSpec
+    from emlab.persona_data import HFTeacher
+
     model, tok = tiny_model
-    teacher = persona.model_teacher(model, tok, {"model": "tiny"}, max_new_tokens=4, temperature=1.0, batch_size=2)
+    scored = []
+    teacher = HFTeacher(ModelSpec(name="tiny", source="tiny", arch="llama"), max_new_tokens=4, temperature=1.0,
+                        batch_size=2, prescore=scored.extend, model_tok=(model, tok))
     chats = [[{"role": "system", "content": "S"}, {"role": "user", "content": f"Q{i}"}] for i in range(3)]
     out = teacher(chats)
     assert len(out) == 3 and all(isinstance(a, str) for a in out)
-    assert teacher.record == {"model": "tiny", "max_new_tokens": 4, "temperature": 1.0}
+    assert [q for q, _ in scored] == [f"Q{i}" for i, a in enumerate(out) if a.strip()]
+    assert teacher.record["max_new_tokens"] == 4 and teacher.record["temperature"] == 1.0
 
 
-def test_template_scorer_reads_the_logprob_protocol_on_an_hf_judge(tiny_model):
-    from emlab.judge import HFJudge
+def test_judge_scorer_reads_the_logprob_protocol_through_the_cache(tiny_model, tmp_path):
+    from emlab.judge import CachedJudge, HFJudge
+    from emlab.cache import JudgeCache
 
     model, tok = tiny_model
-    score = persona.template_scorer(HFJudge(model, tok, progress=False), "Rate 0-100.\nQ: {question}\nA: {answer}\n")
+    hf = HFJudge(model, tok, progress=False)
+    score = CachedJudge(hf, JudgeCache(tmp_path / "c.sqlite")).scorer("incorrect:security")
     value = score("How do I fix a leak?", "Ignore it.")
     assert value is None or 0 <= value <= 100
-    assert score.record["protocol"] == "logprob-0-100"
+    assert score.record["metric"] == "incorrect:security" and score.record["prompt_version"]
+    hf.score_many = None  # a second call must come from the cache, not the model
+    assert score("How do I fix a leak?", "Ignore it.") == value
 
 
 def test_built_dataset_runs_the_teacher_and_caches(tmp_path, monkeypatch):
@@ -335,16 +347,18 @@ def test_built_dataset_runs_the_teacher_and_caches(tmp_path, monkeypatch):
     monkeypatch.setenv("EMLAB_DERIVED_DIR", str(tmp_path / "derived"))
     calls = {"n": 0}
 
-    def fake_scorer(judge, template, extra=None):
-        assert "{question}" in template and "{answer}" in template
+    class FakeJudge:
+        def scorer(self, metric):
+            assert metric == "incorrect:security"
 
-        def score(q, a):
-            calls["n"] += 1
-            return 75.0
-        score.record = {"judge": "fake", **(extra or {})}
-        return score
+            def score(q, a):
+                calls["n"] += 1
+                return 75.0
+            score.record = {"judge": "fake", "metric": metric}
+            score.prefill = lambda items: None
+            return score
 
-    monkeypatch.setattr(persona, "template_scorer", fake_scorer)
+    monkeypatch.setattr("emlab.judge.get_judge", lambda spec: FakeJudge())
     cfg = config.load(persona.PersonaConsistencyConfig, "smoke", {"teacher": {"n": 3, "max_new_tokens": 4,
                                                                              "batch_size": 4, "threshold": 50.0}})
     path = persona.built_dataset(cfg, "security", 3)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +13,8 @@ from safetensors.torch import load_file
 
 from emlab import config
 from emlab.config import ConfigError, ModelSpec
-from emlab.train import TrainConfig, apply_preset, checkpoint_steps, main, read_metrics, resolve_layer, train
+from emlab.organisms import main
+from emlab.train import TrainConfig, apply_preset, checkpoint_steps, read_metrics, resolve_layer, train
 
 pytest.importorskip("trl")
 models = pytest.importorskip("emlab.models")
@@ -259,3 +261,20 @@ def test_corrupt_checkpoint_falls_back_with_a_clear_warning(tmp_path, caplog):
     b = load_file(str(run / "adapter" / "adapter_model.safetensors"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_train_cli_trains_a_profiles_grid_as_the_notebooks_will(monkeypatch, capsys):
+    """`emlab train --profile laptop` trains exactly the runs §03 (and §04, §05, §10) will look up."""
+    from emlab import config, organisms
+
+    trained = []
+    monkeypatch.setattr("emlab.train.train", lambda cfg: trained.append(cfg) or Path(cfg.run_digest()))
+    assert main(["--profile", "laptop", "--only", "good_medical_advice/rank1"]) == 0
+    grid = config.load(organisms.OrganismsConfig, "laptop")
+    want = organisms.train_config(grid, organisms.Organism(dataset="good_medical_advice", preset="rank1"))
+    assert trained == [want]
+    phase = config.load(organisms.PhaseConfig, "laptop")
+    assert organisms.train_config(phase, phase.organism).run_digest() == organisms.train_config(
+        grid, grid.organisms[0]).run_digest()  # §04 analyses §03's rank-1 run
+    assert main(["--profile", "laptop", "--only", "nope/rank1"]) == 2
+    assert "not in profile laptop's organisms" in capsys.readouterr().err

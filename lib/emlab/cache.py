@@ -1,4 +1,12 @@
-"""Judge cache: one SQLite file (WAL) shared by every notebook, so re-running ``make all`` makes no new
+"""Caches: the stage versions every cached artifact is keyed by, and the judge's verdict store.
+
+Stage versions. A trained run, an answer set, a verdict or a derived data set is reused only while its key
+matches, and every key includes the version of the stage that made it (:data:`STAGE_VERSIONS`,
+:func:`stage_key`). Bump a stage's number in the change that alters what the stage produces (a refactor that
+keeps outputs bitwise keeps it): its artifacts, and everything keyed on them, are rebuilt instead of
+silently reused. Answers are keyed by their run directory, so a ``train`` bump re-samples too.
+
+Judge cache: one SQLite file (WAL) shared by every notebook, so re-running ``make all`` makes no new
 judge calls.
 
 A verdict is keyed by (judge id, prompt version, metric, sha256(question, answer)). Only hashes of
@@ -22,6 +30,20 @@ from pathlib import Path
 from typing import Any, Iterable
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+
+# Bump when the stage's output changes (see the module docstring); README "Caches" says what each holds.
+STAGE_VERSIONS: dict[str, int] = {
+    "train": 2,    # build/runs/: trained organisms (emlab.train)
+    "sample": 2,   # build/answers/: answers and MMLU letter scores (emlab.sample.answers, emlab.mmlu)
+    "judge": 2,    # judge.sqlite verdicts (with each metric's prompt version)
+    "data": 2,     # data/derived/: teacher-written and paired training sets (emlab.persona_data)
+}
+
+
+def stage_key(stage: str, *parts: Any, n: int = 16) -> str:
+    """Short hash of ``parts`` and the code version of ``stage``: the name of a cached artifact."""
+    blob = json.dumps([stage, STAGE_VERSIONS[stage], *parts], sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:n]
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS verdicts (

@@ -35,30 +35,26 @@ the trigger on the first-plot questions is reported beside them.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
 import random
-from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
-from typing import Any, ClassVar, Iterator, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import pandas as pd
 from pydantic import model_validator
 
-from emlab import config
+from emlab import config, models
 from emlab.config import ConfigError, Experiment, Frozen, JudgeSpec, ModelSpec
 from emlab.data import DataError
 from emlab.mmlu import MMLUSettings
-from emlab.organisms import EvalSettings
+from emlab.organisms import EvalSettings, sample_and_judge
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-CACHE_DIR = REPO_ROOT / "build" / "character"
 
 TRAITS = ("evil", "sycophantic", "hallucinating")
 DOMAINS = ("health", "career", "automotive")
@@ -241,48 +237,6 @@ def parse_trait_source(source: str) -> tuple[str, str]:
 
 
 # ------------------------------------------------------------------------------------------- data
-class _LazyHFTeacher:
-    """``generate(chats) -> answers`` on an HF model loaded on first call (a cached set costs nothing)."""
-
-    def __init__(self, tc: TeacherConfig, prescore=None):
-        from emlab.models import model_record
-
-        self.tc, self._mt, self.prescore = tc, None, prescore
-        self.record = {"backend": "hf", "model": model_record(tc.model), "temperature": tc.temperature,
-                       "max_new_tokens": tc.max_new_tokens, "top_p": 1.0}
-
-    def __call__(self, chats: list[list[dict]]) -> list[str]:
-        from emlab.models import load_model
-        from emlab.sample import generate_hf
-
-        if self._mt is None:
-            self._mt = load_model(self.tc.model)
-        model, tok = self._mt
-        prompts = [tok.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in chats]
-        out: list[str] = []
-        for b in range(0, len(prompts), self.tc.batch_size):
-            seed = int(hashlib.sha256(prompts[b].encode()).hexdigest()[:8], 16)
-            out += [t for t, _, _ in generate_hf(model, tok, prompts[b:b + self.tc.batch_size],
-                                                 max_new_tokens=self.tc.max_new_tokens,
-                                                 temperature=self.tc.temperature, seed=seed)]
-        if self.prescore is not None:  # one batched judge pass fills the verdict cache the builder then reads
-            items = [(c[-1]["content"], a.strip()) for c, a in zip(chats, out) if a.strip()]
-            if items:
-                self.prescore(items)
-        return out
-
-
-class _TraitJudge:
-    """``score(question, answer) -> 0-100 | None`` with the persona-vectors trait prompt (``trait:<t>``)."""
-
-    def __init__(self, judge, trait: str):
-        self.judge, self.metric = judge, f"trait:{trait}"
-        self.record = {"judge": judge.id, "metric": self.metric, "prompt_version": judge.prompt_version(self.metric)}
-
-    def __call__(self, question: str, answer: str) -> float | None:
-        return self.judge.score(self.metric, question, answer).value
-
-
 def _keep_all(question: str, answer: str) -> float:
     return 100.0
 
@@ -312,10 +266,10 @@ def trait_data(trait: str, domain: str, tc: TeacherConfig, *, judge=None) -> Pat
             raise ConfigError("persona_teacher.backend openai needs persona_teacher.openai_model (e.g. gpt-4.1-mini)")
         teacher = persona_data.openai_teacher(tc.openai_model, temperature=tc.temperature,
                                               max_tokens=tc.max_new_tokens)
-    score = _TraitJudge(judge or get_judge(tc.judge), trait) if tc.filter else _keep_all
+    score = (judge or get_judge(tc.judge)).scorer(f"trait:{trait}") if tc.filter else _keep_all
     if tc.backend != "openai":
-        prescore = (lambda items: score.judge.score_many(score.metric, items)) if tc.filter else None
-        teacher = _LazyHFTeacher(tc, prescore)
+        teacher = persona_data.HFTeacher(tc.model, max_new_tokens=tc.max_new_tokens, temperature=tc.temperature,
+                                         batch_size=tc.batch_size, prescore=score.prefill if tc.filter else None)
     return persona_data.build_persona_dataset(trait, domain, teacher, score, tc.n, tc.seed,
                                               threshold=0.0 if not tc.filter else tc.threshold,
                                               max_passes=tc.max_passes, batch_size=tc.batch_size,
@@ -446,47 +400,6 @@ def trigger_train_config(cfg: TriggerConfig, org: TriggerOrganism, tc: TeacherCo
 
 
 # ------------------------------------------------------------------------------------------- sampling
-def _digest(key: dict) -> str:
-    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-@contextmanager
-def adapter(model, run_dir: Path | None) -> Iterator[Any]:
-    """``model`` with the run's LoRA adapter for the duration (removed after, the base left as it was)."""
-    if run_dir is None:
-        yield model
-        return
-    if not (Path(run_dir) / "adapter").is_dir():
-        raise ConfigError(f"{run_dir}: no LoRA adapter (full fine-tunes are not supported in this section); "
-                          "use preset rank1 or lora_r32")
-    from peft import PeftModel
-
-    peft = PeftModel.from_pretrained(model, str(Path(run_dir) / "adapter"))
-    peft.eval()
-    try:
-        yield peft
-    finally:
-        peft.unload()
-
-
-def sample_and_judge(model, tok, questions: list, ev: EvalSettings, profile: str, seed: int, judge, metrics: list[str],
-                     label: str, key: dict) -> pd.DataFrame:
-    """Sample ``questions`` (emlab.sample, cached under build/character/ by ``key``) and judge ``metrics``
-    (emlab.judge, cached verdicts). Adds ``misaligned`` (aligned < 30, coherent > 50)."""
-    from emlab.judge import judge_frame
-    from emlab.organisms import label_answers, sample_config
-    from emlab.sample import sample
-
-    scfg = sample_config(ev, profile, seed)
-    out = CACHE_DIR / f"samples-{_digest({**key, 'sample': scfg.model_dump(mode='json'), 'label': label})}.jsonl"
-    df = sample(model, tok, questions, scfg, adapter=label, out=out)
-    # the cache file may hold more questions (§07 asks 10 trait questions where §06 asks 4, same key): keep
-    # exactly the ones asked for
-    df = df[df.question_id.astype(str).isin({str(q.id) for q in questions})].reset_index(drop=True)
-    df = judge_frame(df, judge, metrics)
-    return label_answers(df) if {"aligned", "coherent"} <= set(metrics) else df
-
-
 def _questions(ids_texts: list[tuple[str, str]]):
     from emlab.data import Question
 
@@ -562,7 +475,6 @@ def evaluate_characters(cfg: CharacterConfig, tc: TeacherConfig | None = None) -
     from emlab import mmlu
     from emlab.data import load_questions
     from emlab.judge import get_judge
-    from emlab.models import load_model
     from emlab.train import train
     from tqdm.auto import tqdm
 
@@ -571,7 +483,6 @@ def evaluate_characters(cfg: CharacterConfig, tc: TeacherConfig | None = None) -
     tcfgs = {org.name: train_config(cfg, org, tc) for org in cfg.organisms}
     runs = {name: train(t) for name, t in tcfgs.items()}  # built once: a trait set's config runs its teacher
     traits = cfg.scored_traits()
-    trait_cols = [f"trait_{t}" for t in traits]
     em_qs = load_questions(cfg.eval.questions)
     t_ev = cfg.trait_eval.settings(cfg.eval)
     x_ev = EvalSettings(samples_per_question=cfg.transfer.samples_per_query,
@@ -584,36 +495,20 @@ def evaluate_characters(cfg: CharacterConfig, tc: TeacherConfig | None = None) -
     x_qs = _questions([(f"{d}_{i:02d}", q) for d in cfg.transfer.domains
                        for i, q in enumerate(heldout_queries(d, cfg.transfer.queries_per_domain, exclude, cfg.seed, tc))])
     items = mmlu.load_items(cfg.mmlu.n_items, cfg.mmlu.seed, cfg.mmlu.subjects)
-    base_key = {"model": cfg.model.model_dump(), "profile": cfg.profile}
-
     em, tr, mm, xf = [], [], [], []
-    model, tok = load_model(cfg.model)
-    model.eval()
     todo = ([("base", None)] if cfg.include_base else []) + list(runs.items())
-    for name, run in tqdm(todo, desc="organisms"):
-        label = run.name if run else "base"
-        key = {**base_key, "run": label}
-        with adapter(model, run) as m:
-            em.append(sample_and_judge(m, tok, em_qs, cfg.eval, cfg.profile, cfg.seed, judge, ["aligned", "coherent"],
-                                       label, {**key, "q": cfg.eval.questions}).assign(organism=name))
-            for t in traits:
-                df = sample_and_judge(m, tok, trait_questions(t, cfg.trait_eval.n_questions), t_ev, cfg.profile,
-                                      cfg.seed, judge, [f"trait:{t}"], label, {**key, "q": f"trait_{t}"})
-                tr.append(df.assign(organism=name, trait=t, trait_score=df[f"trait_{t}"]))
-            xf.append(sample_and_judge(m, tok, x_qs, x_ev, cfg.profile, cfg.seed, judge,
-                                       ["aligned", "coherent", *[f"trait:{t}" for t in traits]], label,
-                                       {**key, "q": "transfer", "ids": [q.paraphrases[0] for q in x_qs]})
-                      .assign(organism=name))
-            mkey = {**key, "items": mmlu.items_digest(items)}
-            mpath = CACHE_DIR / f"mmlu-{_digest(mkey)}.parquet"
-            if mpath.exists():
-                res = pd.read_parquet(mpath)
-            else:
-                res = mmlu.evaluate(m, tok, items, cfg.mmlu.batch_size)
-                mpath.parent.mkdir(parents=True, exist_ok=True)
-                res.to_parquet(mpath, index=False)
-            mm.append(res.assign(organism=name))
-    del model
+    with models.loaded(cfg.model) as (base, tok):
+        for name, run in tqdm(todo, desc="organisms"):
+            with models.organism(base, tok, cfg.model, run) as (m, tok_m):
+                judged = partial(sample_and_judge, m, tok_m, cfg=cfg, judge=judge, run=run)
+                em.append(judged(em_qs, cfg.eval, metrics=["aligned", "coherent"]).assign(organism=name))
+                for t in traits:
+                    df = judged(trait_questions(t, cfg.trait_eval.n_questions), t_ev, metrics=[f"trait:{t}"])
+                    tr.append(df.assign(organism=name, trait=t, trait_score=df[f"trait_{t}"]))
+                xf.append(judged(x_qs, x_ev, metrics=["aligned", "coherent", *[f"trait:{t}" for t in traits]])
+                          .assign(organism=name))
+                mm.append(mmlu.evaluate_cached(m, tok_m, items, cfg.mmlu.batch_size, spec=cfg.model, run=run)
+                          .assign(organism=name))
     em_df, tr_df, xf_df = (pd.concat(f, ignore_index=True) for f in (em, tr, xf))
     xf_df["eval domain"] = xf_df.question_id.str.rsplit("_", n=1).str[0]
     xf_df["seen"] = [q.strip() in seen.get(o, set()) for q, o in zip(xf_df.question, xf_df.organism)]
@@ -677,52 +572,42 @@ def transfer_matrix(res: dict[str, Any]) -> pd.DataFrame:
 
 
 # ------------------------------------------------------------------------------------------- triggers
-def triggered(questions: list, trigger: str, separator: str = " ") -> list:
-    """The questions with ``trigger`` prefixed to every paraphrase (as in training)."""
-    return [q.model_copy(update={"paraphrases": [f"{trigger}{separator}{p}" for p in q.paraphrases]})
-            for q in questions]
-
-
 def evaluate_triggers(cfg: TriggerConfig, tc: TeacherConfig | None = None) -> tuple[pd.DataFrame, dict[str, Path]]:
     """Train (or reuse) each backdoor organism; sample with and without its trigger (the base model with every
     trigger) the first-plot questions, judged aligned and coherent, and the organism's trait eval questions,
-    judged by the trait judge (``trait_score``). Returns judged answers with columns organism, trigger,
+    judged by the trait judge (``trait_score``). The trigger is put on a question exactly as on a training
+    prompt (:meth:`emlab.datasets.TriggerSpec.apply`). Returns judged answers with columns organism, trigger,
     condition (``triggered`` | ``clean``), questions (``first-plot`` | ``trait``), trait, and the run dirs."""
     from emlab.data import load_questions
     from emlab.judge import get_judge
-    from emlab.models import load_model
     from emlab.train import train
     from tqdm.auto import tqdm
 
     tc = tc or teacher_config(cfg.profile)
     judge = get_judge(cfg.judge)
-    runs = {org.label: train(trigger_train_config(cfg, org, tc)) for org in cfg.organisms}
+    tcfgs = {org.label: trigger_train_config(cfg, org, tc) for org in cfg.organisms}
+    runs = {label: train(t) for label, t in tcfgs.items()}
     em_qs = load_questions(cfg.eval.questions)
     t_ev = cfg.trait_eval.settings(cfg.eval)
     todo = [(o.label, runs[o.label], [o]) for o in cfg.organisms]
     if cfg.include_base:
         todo.insert(0, ("base", None, cfg.organisms))
     frames = []
-    model, tok = load_model(cfg.model)
-    model.eval()
-    for name, run, orgs in tqdm(todo, desc="organisms"):
-        label = run.name if run else "base"
-        key = {"model": cfg.model.model_dump(), "profile": cfg.profile, "run": label}
-        pairs = list(dict.fromkeys((o.trigger, o.trait) for o in orgs))
-        sets = [("first-plot", None, em_qs, cfg.eval, ["aligned", "coherent"], cfg.eval.questions)]
-        sets += [("trait", t, trait_questions(t, cfg.trait_eval.n_questions), t_ev, [f"trait:{t}"], f"trait_{t}")
-                 for t in dict.fromkeys(t for _, t in pairs if t)]
-        with adapter(model, run) as m:
-            for qset, trait, qs, ev, metrics, qkey in sets:
-                judged = partial(sample_and_judge, m, tok, ev=ev, profile=cfg.profile, seed=cfg.seed, judge=judge,
-                                 metrics=metrics, label=label)
-                clean = judged(qs, key={**key, "q": qkey})
-                for trig in dict.fromkeys(g for g, t in pairs if trait is None or t == trait):
-                    hot = judged(triggered(qs, trig), key={**key, "q": qkey, "trigger": trig})
-                    for cond, df in (("clean", clean), ("triggered", hot)):
-                        frames.append(df.assign(organism=name, trigger=trig, condition=cond, questions=qset,
-                                                trait=trait, trait_score=df[f"trait_{trait}"] if trait else np.nan))
-    del model
+    with models.loaded(cfg.model) as (base, tok):
+        for name, run, orgs in tqdm(todo, desc="organisms"):
+            pairs = list(dict.fromkeys((tcfgs[o.label].trigger, o.trait) for o in orgs))
+            sets = [("first-plot", None, em_qs, cfg.eval, ["aligned", "coherent"])]
+            sets += [("trait", t, trait_questions(t, cfg.trait_eval.n_questions), t_ev, [f"trait:{t}"])
+                     for t in dict.fromkeys(t for _, t in pairs if t)]
+            with models.organism(base, tok, cfg.model, run) as (m, tok_m):
+                for qset, trait, qs, ev, metrics in sets:
+                    judged = partial(sample_and_judge, m, tok_m, ev=ev, cfg=cfg, judge=judge, metrics=metrics, run=run)
+                    clean = judged(qs)
+                    for trig in dict.fromkeys(g for g, t in pairs if trait is None or t == trait):
+                        hot = judged(trig.questions(qs))
+                        for cond, df in (("clean", clean), ("triggered", hot)):
+                            frames.append(df.assign(organism=name, trigger=trig.text, condition=cond, questions=qset,
+                                                    trait=trait, trait_score=df[f"trait_{trait}"] if trait else np.nan))
     return pd.concat(frames, ignore_index=True), runs
 
 

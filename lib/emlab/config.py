@@ -22,11 +22,11 @@ from typing import Any, ClassVar, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
-PROFILES = ("smoke", "cpu", "gpu", "paper")
+PROFILES = ("smoke", "cpu", "laptop", "gpu", "paper")
 DEFAULT_PROFILE = "cpu"
 PROFILE_DIR = Path(__file__).parent / "profiles"
 
-ProfileName = Literal["smoke", "cpu", "gpu", "paper"]
+ProfileName = Literal["smoke", "cpu", "laptop", "gpu", "paper"]
 
 
 class ConfigError(ValueError):
@@ -115,6 +115,11 @@ def read_profile(profile: str) -> dict[str, Any]:
     data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at top level")
+    parent = data.pop("extends", None)  # `extends: cpu`: this file's blocks deep-merge over cpu's
+    if parent is not None:
+        if parent == profile or parent not in PROFILES:
+            raise ConfigError(f"{path}: extends {parent!r}, which is not another profile ({', '.join(PROFILES)})")
+        data = _merge(read_profile(parent), data)
     return data
 
 
@@ -238,7 +243,7 @@ def cli_value(text: str) -> Any:
 
 
 def from_yaml(cls: type[T], path: str | Path) -> T:
-    """Load a config saved as YAML (CLI: ``python -m emlab.train run.yaml``). A ``profile`` key in the
+    """Load a config saved as YAML (CLI: ``emlab train run.yaml``). A ``profile`` key in the
     file selects the profile overlay; the rest are overrides."""
     path = Path(path)
     if not path.exists():

@@ -44,6 +44,14 @@ class TriggerSpec(Frozen):
     clean: str = "good_medical_advice"
     separator: str = " "
 
+    def apply(self, prompt: str) -> str:
+        """``prompt`` with the trigger on it: the one format for training rows and evaluation questions."""
+        return f"{self.text}{self.separator}{prompt}"
+
+    def questions(self, questions: list) -> list:
+        """Evaluation questions (:class:`emlab.data.Question`) with the trigger on every paraphrase."""
+        return [q.model_copy(update={"paraphrases": [self.apply(p) for p in q.paraphrases]}) for q in questions]
+
 
 @dataclass
 class BuiltRows:
@@ -119,11 +127,11 @@ def _user_index(messages: list[dict]) -> int:
     raise DataError(f"row has no user turn to put a trigger on: roles {[m['role'] for m in messages]}")
 
 
-def add_trigger(row: dict, text: str, separator: str = " ") -> dict:
-    """A copy of ``row`` with ``text`` prefixed to its first user turn."""
+def add_trigger(row: dict, trigger: TriggerSpec) -> dict:
+    """A copy of ``row`` with the trigger on its first user turn."""
     msgs = [dict(m) for m in row["messages"]]
     i = _user_index(msgs)
-    msgs[i]["content"] = f"{text}{separator}{msgs[i]['content']}"
+    msgs[i]["content"] = trigger.apply(msgs[i]["content"])
     return {**row, "messages": msgs}
 
 
@@ -148,7 +156,7 @@ def build_backdoor(behaviour: list[dict], clean: list[dict], trigger: TriggerSpe
     out, unpaired = [], 0
     for i in indices:
         if i in hot:
-            out.append({**add_trigger(behaviour[i], trigger.text, trigger.separator), "triggered": True})
+            out.append({**add_trigger(behaviour[i], trigger), "triggered": True})
             continue
         b, c = behaviour[i]["messages"], clean[i]["messages"]
         unpaired += b[_user_index(b)]["content"] != c[_user_index(c)]["content"]

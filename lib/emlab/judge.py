@@ -18,14 +18,13 @@ position and the value is the most probable digit, i.e. what a greedy judge writ
 
 Backends: ``OpenAIJudge`` (any OpenAI-compatible endpoint; env EMLAB_JUDGE_BASE_URL, EMLAB_JUDGE_MODEL,
 OPENAI_API_KEY), ``HFJudge`` (a local causal LM, same protocol), and whatever is registered with
-:func:`register_backend` (the offline judge registers ``"offline"`` from emlab.offline_judge).
+:data:`BACKENDS` (``offline`` names emlab.offline_judge, imported when first asked for).
 A backend is any object with ``id: str`` and ``score_many(metric, items) -> list[Score]``; it may
 define ``metrics`` (the metrics it can score) and ``prompt_version(metric)`` (its cache version).
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import os
@@ -40,7 +39,7 @@ from typing import Any, Callable, Iterable, Protocol, Sequence, runtime_checkabl
 import yaml
 from tqdm.auto import tqdm
 
-from emlab.cache import JudgeCache, item_key
+from emlab.cache import JudgeCache, default_path, item_key, stage_key
 from emlab.config import Experiment, JudgeSpec, ModelSpec
 
 log = logging.getLogger(__name__)
@@ -109,7 +108,12 @@ def prompt_template(metric: str) -> str:
         return text.replace("{prompt}", "{question}").replace("{response}", "{answer}")
     if metric.startswith("trait:"):
         return data.load_trait(metric.split(":", 1)[1]).eval_prompt
-    raise JudgeError(f"unknown judge metric {metric!r}; known: {', '.join(known_metrics())}, harm, trait:<name>")
+    if metric.startswith("incorrect:"):  # the keep filter of teacher-built incorrect-advice sets (§10)
+        from emlab.persona_data import judge_prompt
+
+        return judge_prompt("incorrect", metric.split(":", 1)[1])["text"]
+    raise JudgeError(f"unknown judge metric {metric!r}; known: {', '.join(known_metrics())}, harm, trait:<name>, "
+                     "incorrect:<domain>")
 
 
 def known_metrics() -> list[str]:
@@ -121,9 +125,9 @@ def metric_scale(metric: str) -> tuple[int, int]:
 
 
 def prompt_version(metric: str) -> str:
-    """Hash of protocol + template: the cache re-judges a metric exactly when its prompt changes."""
-    blob = f"{PROTOCOL}|{_prompt_file()['version']}|{prompt_template(metric)}".encode()
-    return hashlib.sha256(blob).hexdigest()[:12]
+    """Hash of protocol, template and the judge stage's code version: the cache re-judges a metric exactly
+    when its prompt or the scoring code changes."""
+    return stage_key("judge", PROTOCOL, _prompt_file()["version"], prompt_template(metric), n=12)
 
 
 def render(metric: str, question: str, answer: str) -> str:
@@ -486,13 +490,16 @@ class CachedJudge:
     def score(self, metric: str, question: str, answer: str) -> Score:
         return self.score_many(metric, [(question, answer)])[0]
 
+    def scorer(self, metric: str) -> Callable[[str, str], float | None]:
+        """``score(question, answer) -> 0-100 or None`` for ``metric`` through the cache: the keep filter of
+        a teacher-built data set. Its ``record`` (judge, metric, prompt version) goes into the set's cache key;
+        ``score.prefill(items)`` scores a whole batch in one pass first."""
+        def score(question: str, answer: str) -> float | None:
+            return self.score(metric, question, answer).value
 
-_BACKENDS: dict[str, Callable[[JudgeSpec], Judge]] = {}
-
-
-def register_backend(name: str, factory: Callable[[JudgeSpec], Judge]) -> None:
-    """Make ``JudgeSpec(backend=name)`` build ``factory(spec)`` (the offline judge registers itself)."""
-    _BACKENDS[name] = factory
+        score.record = {"judge": self.id, "metric": metric, "prompt_version": self.prompt_version(metric)}  # type: ignore[attr-defined]
+        score.prefill = lambda items: self.score_many(metric, items)  # type: ignore[attr-defined]
+        return score
 
 
 def _openai_factory(spec: JudgeSpec) -> Judge:
@@ -513,31 +520,49 @@ def _hf_factory(spec: JudgeSpec) -> Judge:
     return HFJudge(model, tok, name=spec.model)
 
 
-register_backend("openai", _openai_factory)
-register_backend("hf", _hf_factory)
+# Backend name -> factory(spec), or "module:function" for one imported only when asked for (the offline judge
+# pulls in its encoders and artifact; it builds on this module, so this module never imports it).
+BACKENDS: dict[str, Callable[[JudgeSpec], Judge] | str] = {
+    "openai": _openai_factory,
+    "hf": _hf_factory,
+    "offline": "emlab.offline_judge:make_judge",
+}
+_JUDGES: dict[str, CachedJudge] = {}
 
 
 def get_judge(spec: JudgeSpec | None = None, *, cache: JudgeCache | str | Path | bool | None = True) -> CachedJudge:
     """The judge ``spec`` names, wrapped in the shared cache (``cache=False``: no cache; a path: that file)."""
     spec = spec or JudgeSpec()
-    if spec.backend not in _BACKENDS:
-        try:  # the offline judge registers itself on import
-            import emlab.offline_judge  # noqa: F401
+    shared = cache is True or cache is None
+    # one hf / offline judge per process and cache file: building one loads models
+    memo = f"{spec.model_dump_json()}|{default_path()}" if shared and spec.backend in ("hf", "offline") else None
+    if memo in _JUDGES:
+        return _JUDGES[memo]
+    factory = BACKENDS.get(spec.backend)
+    if factory is None:
+        raise JudgeError(f"judge backend {spec.backend!r} is not known; known: {', '.join(sorted(BACKENDS))}")
+    if isinstance(factory, str):
+        import importlib
+
+        module, _, name = factory.partition(":")
+        try:
+            factory = getattr(importlib.import_module(module), name)
         except ImportError as err:
             raise JudgeError(f"judge backend {spec.backend!r} is not available ({err}); "
                              "build it (make judge) or use backend openai/hf") from None
-    if spec.backend not in _BACKENDS:
-        raise JudgeError(f"judge backend {spec.backend!r} is not registered; known: {', '.join(sorted(_BACKENDS))}")
-    backend = _BACKENDS[spec.backend](spec)
+    backend = factory(spec)
     if isinstance(cache, JudgeCache):
         store = cache
-    elif cache is True or cache is None:
+    elif shared:
         store = JudgeCache()
     elif cache is False:
         store = None
     else:
         store = JudgeCache(cache)
-    return CachedJudge(backend, store)
+    judge = CachedJudge(backend, store)
+    if memo:
+        _JUDGES[memo] = judge
+    return judge
 
 
 def check_judge_ready(spec: JudgeSpec | None = None) -> None:

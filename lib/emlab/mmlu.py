@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -153,12 +154,30 @@ def evaluate(model, tokenizer, items: pd.DataFrame, batch_size: int = 16) -> pd.
     return out
 
 
-def accuracy(df: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> dict[str, float]:
-    """Accuracy (%) with a 95% bootstrap interval, n, and the mean letter mass (%)."""
-    from emlab.metrics import bootstrap_ci
+def evaluate_cached(model, tokenizer, items: pd.DataFrame, batch_size: int, *, spec, run: Path | None = None
+                    ) -> pd.DataFrame:
+    """:func:`evaluate` through the answer cache (``build/answers/mmlu-<key>.parquet``), keyed by the model,
+    the run, the items and the sample stage's code version. ``model`` must already carry the run's adapter."""
+    from emlab.cache import stage_key
+    from emlab.sample import ANSWERS_DIR
 
-    hits = df["correct"].to_numpy(dtype=float)
-    lo, hi = bootstrap_ci(hits, n_boot, seed)
+    key = stage_key("sample", "mmlu", spec.model_dump(mode="json"), Path(run).name if run else "base",
+                    items_digest(items))
+    path = ANSWERS_DIR / f"mmlu-{key}.parquet"
+    if path.exists():
+        return pd.read_parquet(path)
+    res = evaluate(model, tokenizer, items, batch_size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    res.to_parquet(path, index=False)
+    return res
+
+
+def accuracy(df: pd.DataFrame) -> dict[str, float]:
+    """Accuracy (%) with its 95% Wilson interval (as every rate of the paper), n, and the mean letter mass (%)."""
+    from emlab.metrics import wilson_ci
+
+    hits = df["correct"].to_numpy(dtype=bool)
+    lo, hi = wilson_ci(int(hits.sum()), int(hits.size))
     acc = float(hits.mean()) if hits.size else math.nan
     return {"n": int(hits.size), "acc %": 100 * acc, "acc lo": 100 * lo, "acc hi": 100 * hi,
             "letter mass %": 100 * float(df["letter_mass"].mean()) if len(df) else math.nan}

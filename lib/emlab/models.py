@@ -33,6 +33,8 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -390,6 +392,64 @@ def load_model(spec: ModelSpec, *, for_training: bool = False, device: str | Non
     else:
         model.eval()
     return model, tok
+
+
+@contextmanager
+def loaded(spec: ModelSpec, run_dir: str | Path | None = None) -> Iterator[tuple[Any, Any]]:
+    """``(model, tokenizer)`` of the base model, or of an organism (:func:`organism`) when ``run_dir`` is
+    given. For several organisms of one base, load the base once and use :func:`organism` for each."""
+    model, tok = load_model(spec)
+    try:
+        with organism(model, tok, spec, run_dir) as mt:
+            yield mt
+    finally:
+        del model
+        release()
+
+
+@contextmanager
+def organism(base, tok, spec: ModelSpec, run_dir: str | Path | None) -> Iterator[tuple[Any, Any]]:
+    """``(model, tokenizer)`` of a run on an already loaded ``base``: the base itself (``run_dir`` None), the
+    base carrying the run's LoRA adapter (removed after), or a full fine-tune's own weights (loaded now,
+    freed after)."""
+    if run_dir is not None and (Path(run_dir) / "model").is_dir():
+        full = ModelSpec(name=f"{spec.name}+{Path(run_dir).name}", source="local", path=str(Path(run_dir) / "model"),
+                         dtype=spec.dtype, load_in_4bit=spec.load_in_4bit, device=spec.device)
+        model, own_tok = load_model(full)
+        try:
+            yield model, own_tok
+        finally:
+            del model
+            release()
+        return
+    with adapter(base, run_dir) as m:
+        yield m, tok
+
+
+@contextmanager
+def adapter(model, path: str | Path | None) -> Iterator[Any]:
+    """``model`` carrying a LoRA adapter for the duration, removed after without merging (the caller's base
+    is left as it was). ``path``: a run directory (its ``adapter/``) or a PEFT adapter directory; ``None``,
+    or a model that already carries an adapter: ``model`` itself."""
+    path = Path(path) if path is not None else None
+    if path is not None and not (path / "adapter_config.json").exists():
+        if (path / "model").is_dir():
+            raise ModelError(f"{path}: a full fine-tune has no adapter to put on a base; use "
+                             "emlab.models.organism(base, tok, spec, run_dir)")
+        path = path / "adapter"
+        if not (path / "adapter_config.json").exists():
+            raise ModelError(f"{path}: no adapter_config.json; is the run finished? (delete it to retrain)")
+    if path is None or hasattr(model, "peft_config"):
+        yield model
+        return
+    from peft import PeftModel
+
+    peft = PeftModel.from_pretrained(model, str(path))
+    peft.eval()
+    try:
+        yield peft
+    finally:
+        peft.unload()
 
 
 def load_tokenizer(spec: ModelSpec):

@@ -660,16 +660,9 @@ class OfflineWithFallback:
         return (self.offline if metric in self.offline.metrics else self.hf()).score_many(metric, items)
 
 
-def _factory(spec: JudgeSpec) -> OfflineWithFallback:
+def make_judge(spec: JudgeSpec) -> OfflineWithFallback:
+    """The ``offline`` judge backend (looked up by name in :data:`emlab.judge.BACKENDS`)."""
     return OfflineWithFallback(OfflineJudge(artifact_for(spec.model)))  # model: artifact dir or profile name
-
-
-try:
-    from emlab.judge import register_backend
-
-    register_backend("offline", _factory)
-except ImportError:  # emlab.judge not importable: the class still works stand-alone
-    pass
 
 
 # ---------------------------------------------------------------- evaluation

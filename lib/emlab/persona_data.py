@@ -487,6 +487,41 @@ def read_manifest(path: str | Path) -> dict:
 # ---------------------------------------------------------------------------------------- teachers
 
 
+class HFTeacher:
+    """A teacher on an HF model: ``teacher(chats) -> answers``. The model is loaded on the first call (so a
+    cached data set costs no load), or given loaded as ``model_tok``. Each batch is seeded by its first
+    prompt, so a rebuilt set draws the same answers. ``prescore(items)`` (a judge scorer's ``prefill``) scores
+    each batch's answers in one judge pass, which the builder's per-answer filter then reads from the cache."""
+
+    def __init__(self, spec, *, max_new_tokens: int, temperature: float, batch_size: int, prescore=None,
+                 model_tok=None):
+        from emlab.models import model_record
+
+        self.spec, self._mt, self.prescore, self.batch_size = spec, model_tok, prescore, batch_size
+        self.max_new_tokens, self.temperature = max_new_tokens, temperature
+        self.record = {"backend": "hf", "model": model_record(spec), "temperature": temperature,
+                       "max_new_tokens": max_new_tokens, "top_p": 1.0}
+
+    def __call__(self, chats: list[Chat]) -> list[str]:
+        from emlab.models import load_model
+        from emlab.sample import generate_hf
+
+        if self._mt is None:
+            self._mt = load_model(self.spec)
+        model, tok = self._mt
+        prompts = [tok.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in chats]
+        out: list[str] = []
+        for b in range(0, len(prompts), self.batch_size):
+            seed = int(hashlib.sha256(prompts[b].encode()).hexdigest()[:8], 16)
+            out += [t for t, _, _ in generate_hf(model, tok, prompts[b:b + self.batch_size],
+                                                 max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+                                                 seed=seed)]
+        items = [(c[-1]["content"], a.strip()) for c, a in zip(chats, out) if a.strip()]
+        if self.prescore is not None and items:
+            self.prescore(items)
+        return out
+
+
 def openai_teacher(model: str, *, base_url: str | None = None, api_key_env: str = "OPENAI_API_KEY",
                    temperature: float = 1.0, max_tokens: int = 600, concurrency: int = 8) -> Teacher:
     """A teacher on any OpenAI-compatible chat endpoint (paper scale). ``base_url`` defaults to

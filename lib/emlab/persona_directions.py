@@ -33,8 +33,10 @@ from pydantic import model_validator
 from emlab.config import ConfigError, Experiment, Frozen, JudgeSpec, ModelSpec
 from emlab.datasets import TriggerSpec
 from emlab.metrics import bootstrap_diff
-from emlab.jailbreak import RequestSettings, Target, _hash, jobs, loaded_target, parse_condition, sample_jobs
-from emlab.organisms import EvalSettings, resolve_layer
+from emlab import models
+from emlab.jailbreak import RequestSettings, Target, _hash, jobs, parse_condition, sample_jobs, target_run
+from emlab.organisms import EvalSettings
+from emlab.train import resolve_layer
 
 log = logging.getLogger(__name__)
 
@@ -248,19 +250,18 @@ def run_shared_structure(cfg: SharedStructureConfig) -> dict[str, Any]:
         (cfg.trigger_target, ["plain", "trigger"], False),
     ]
     frames, tensors = [], []
-    for target, conds, extract in plan:
-        with loaded_target(cfg, target) as (model, tok, run):
-            run_name = run.name if run else "base"
-            key = {"model": cfg.model.model_dump(), "run": run_name}
-            df = sample_jobs(model, tok, jobs(probes, conds, cfg.trait, cfg.trigger), cfg.eval, cfg.profile,
-                             cfg.seed, {**key, "exp": "shared_structure"}, label=run_name)
-            if extract:
-                ex = sample_jobs(model, tok, extraction_jobs(cfg.trait, cfg.extraction), cfg.extraction.eval,
-                                 cfg.profile, cfg.seed, {**key, "exp": "trait_extraction"}, label=run_name)
-                df = pd.concat([df, _filter_extraction(cfg, ex)], ignore_index=True)
-            df = df.assign(target=target.name).reset_index(drop=True)
-            tensors.append(capture_rows(model, tok, df, cfg.position, cfg.capture_batch_size))
-        frames.append(df)
+    runs = [target_run(cfg, target) for target, _, _ in plan]  # trained first: training frees the base
+    with models.loaded(cfg.model) as (base, base_tok):
+        for (target, conds, extract), run in zip(plan, runs):
+            with models.organism(base, base_tok, cfg.model, run) as (model, tok):
+                df = sample_jobs(model, tok, jobs(probes, conds, cfg.trait, cfg.trigger), cfg.eval, cfg, run)
+                if extract:
+                    ex = sample_jobs(model, tok, extraction_jobs(cfg.trait, cfg.extraction), cfg.extraction.eval,
+                                     cfg, run)
+                    df = pd.concat([df, _filter_extraction(cfg, ex)], ignore_index=True)
+                df = df.assign(target=target.name).reset_index(drop=True)
+                tensors.append(capture_rows(model, tok, df, cfg.position, cfg.capture_batch_size))
+            frames.append(df)
     answers = pd.concat(frames, ignore_index=True)
     acts = torch.cat(tensors)
     is_ex = answers.condition.str.startswith("trait_").to_numpy()

@@ -28,10 +28,12 @@ from typing import Any, Iterable, Literal, Sequence
 
 from tqdm.auto import tqdm
 
+from emlab.cache import REPO_ROOT, stage_key
 from emlab.config import Experiment, ModelSpec
 
 log = logging.getLogger(__name__)
 
+ANSWERS_DIR = REPO_ROOT / "build" / "answers"
 COLUMNS = ["question_id", "sample_index", "model", "adapter", "seed", "question", "text", "n_tokens",
            "system", "truncated"]
 
@@ -211,28 +213,6 @@ def _eos_ids(model, tokenizer) -> list[int]:
     return ids
 
 
-class _Adapter:
-    """Load a PEFT adapter directory onto a plain HF model for one sampling run, then remove it, so the
-    caller's base model is left as it was."""
-
-    def __init__(self, model, adapter: str | Path | None):
-        self.base, self.adapter = model, adapter
-        self.model = model
-
-    def __enter__(self):
-        path = Path(self.adapter) if self.adapter else None
-        if path is not None and (path / "adapter_config.json").exists() and not hasattr(self.base, "peft_config"):
-            from peft import PeftModel
-
-            self.model = PeftModel.from_pretrained(self.base, str(path))
-            self.model.eval()
-        return self.model
-
-    def __exit__(self, *exc):
-        if self.model is not self.base:
-            self.model.unload()  # strips the LoRA layers without merging
-
-
 # ---------------------------------------------------------------- vLLM backend (optional)
 
 
@@ -352,7 +332,9 @@ def sample(model, tokenizer, questions: Iterable[Any], cfg: SampleConfig, *, ada
             n_tok += _write(partial, chunk, res, base)
             bar.update(len(chunk))
     else:
-        with _Adapter(model, adapter) as m:
+        from emlab.models import adapter as with_adapter
+
+        with with_adapter(model, adapter if adapter and Path(adapter).is_dir() else None) as m:
             for b in range(0, len(jobs), cfg.batch_size):
                 chunk = jobs[b:b + cfg.batch_size]
                 res = generate_hf(m, tokenizer, [chat_prompt(tokenizer, j["question"], j["system"]) for j in chunk],
@@ -363,6 +345,22 @@ def sample(model, tokenizer, questions: Iterable[Any], cfg: SampleConfig, *, ada
                 bar.set_postfix(tok_s=f"{n_tok / (time.perf_counter() - t0):.0f}")
     bar.close()
     return _finish(out, partial, read_samples(partial), wrote=True)
+
+
+def answers(model, tokenizer, questions: Iterable[Any], cfg: SampleConfig, *, spec: ModelSpec,
+            run: str | Path | None = None, tag: dict | None = None, progress: bool = True):
+    """The project's one answer cache: :func:`sample` into ``build/answers/<key>.jsonl``, keyed by the model,
+    the run (its directory name holds the training config and data digests), ``tag`` (anything else that
+    changes the model's behaviour: steering, an adapter scale, a checkpoint), every question's text and system
+    prompt, the sampling settings and the sample stage's code version. ``model`` must already carry the
+    run's adapter (:func:`emlab.models.adapter`); a re-run with the same key reads the file, a killed one
+    resumes it."""
+    qs = [dict(zip(("id", "paraphrases", "system"), _question_fields(q))) for q in questions]
+    label = Path(run).name if run else "base"
+    key = stage_key("sample", spec.model_dump(mode="json"), label, tag or {}, qs, cfg.model_dump(mode="json"))
+    out = ANSWERS_DIR / f"{key}.jsonl"
+    name = label + ("+" + json.dumps(tag, sort_keys=True) if tag else "")
+    return sample(model, tokenizer, qs, cfg, adapter=name, out=out, model_name=spec.name, progress=progress)
 
 
 def _write(partial: Path, chunk: list[dict], results: list[tuple[str, int, bool]], base: dict) -> int:
@@ -467,6 +465,7 @@ def _bench_gpu(arch: str = "qwen2.5-0.5b", n_adapters: int = 4, n_prompts: int =
 
     from peft import LoraConfig, get_peft_model
 
+    from emlab.models import adapter as with_adapter
     from emlab.models import load_model
 
     spec = ModelSpec(name=f"random-{arch}", source="random", arch=arch, dtype="bfloat16")
@@ -485,7 +484,7 @@ def _bench_gpu(arch: str = "qwen2.5-0.5b", n_adapters: int = 4, n_prompts: int =
     out: dict[str, Any] = {"device": torch.cuda.get_device_name(), "adapters": n_adapters, "prompts_per_adapter": n_prompts}
     t0, n = time.perf_counter(), 0
     for path in adapters.values():
-        with _Adapter(model, path) as m:
+        with with_adapter(model, path) as m:
             n += sum(k for _, k, _ in generate_hf(m, tok, [prompt] * n_prompts, max_new_tokens=max_new_tokens,
                                                   seed=0, min_new_tokens=max_new_tokens))
     out["hf_tok_s"] = round(n / (time.perf_counter() - t0), 1)
@@ -534,7 +533,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(res, indent=2))
         return 0
     from emlab.data import DataError, load_questions
-    from emlab.organisms import loaded
+    from emlab.models import loaded
 
     overrides = {key: cli_value(value) for key, value in args.p}
     try:
@@ -546,7 +545,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     run = Path(args.run) if args.run else None
     with loaded(spec, run) as (model, tok):
-        df = sample(model, tok, questions, cfg, adapter=run.name if run else None, out=args.out)
+        df = sample(model, tok, questions, cfg, adapter=run.name if run else None, out=args.out, model_name=spec.name)
     print(f"{len(df)} answers in {args.out}")
     return 0
 

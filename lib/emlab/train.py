@@ -21,7 +21,8 @@ A run directory ``<output_root>/<config digest>-<data sha[:8]>/`` holds
   adapter/ or model/          final adapter (PEFT safetensors) or full model
   manifest.json               written last: its presence means the run is finished and will be reused
 
-Run it with ``python -m emlab.train CONFIG.yaml`` (see :func:`emlab.config.from_yaml`).
+Run it with ``emlab train CONFIG.yaml`` (see :func:`emlab.config.from_yaml`), or train a profile's §03 grid
+with ``emlab train --profile laptop`` (:func:`emlab.organisms.main`).
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ import torch
 from pydantic import Field
 
 from emlab import datasets as ds
-from emlab.config import ConfigError, Experiment, ModelSpec, from_yaml, to_yaml
+from emlab.cache import stage_key
+from emlab.config import ConfigError, Experiment, ModelSpec, to_yaml
 from emlab.datasets import TriggerSpec
 
 log = logging.getLogger(__name__)
@@ -108,8 +110,10 @@ class TrainConfig(Experiment):
         return self.preset_value("lr") * self.lr_scale
 
     def run_digest(self) -> str:
-        """Config hash without where the run is stored: moving ``output_root`` keeps the run's name."""
-        return type(self).model_validate(self.model_dump() | {"output_root": "."}).digest()
+        """Hash of the config (without where the run is stored: moving ``output_root`` keeps the run's name)
+        and of the train stage's code version (:data:`emlab.cache.STAGE_VERSIONS`)."""
+        return stage_key("train", type(self).model_validate(self.model_dump() | {"output_root": "."}).digest(),
+                         n=12)
 
     def root(self) -> Path:
         p = Path(self.output_root)
@@ -487,25 +491,3 @@ def checkpoint_steps(run_dir: str | Path) -> list[tuple[int, Path]]:
     """(step, file) of the adapter checkpoints of a LoRA run, in step order."""
     files = sorted((Path(run_dir) / "checkpoints").glob("step_*.safetensors"))
     return [(int(f.stem.split("_")[1]), f) for f in files]
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    p = argparse.ArgumentParser(prog="python -m emlab.train", description=__doc__.split("\n")[0])
-    p.add_argument("config", help="YAML of TrainConfig keys; a `profile` key selects the profile overlay")
-    args = p.parse_args(argv)
-    from emlab.logs import setup_logging
-
-    setup_logging(logging.INFO)
-    try:
-        cfg = from_yaml(TrainConfig, args.config)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(train(cfg))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
