@@ -88,7 +88,7 @@ judged[["target", "condition", "request", "text", *cfg.metrics, "aligned", "cohe
 # The mean aligned score is the graded view of the same judge (the figure's last panel).
 
 # %%
-table = compliance_table(judged, cfg.conditions, seed=cfg.seed)
+table = compliance_table(judged, cfg.conditions)
 rate = headline(table)
 shown = table.drop(columns=["kind"])
 out.table(shown, "compliance", caption=f"Refusal, EM-style misalignment and harmful compliance under persona prompts "

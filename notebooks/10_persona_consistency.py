@@ -59,6 +59,7 @@ import pandas as pd
 
 from emlab import config, paper, persona
 from emlab.judge import check_judge_ready
+from emlab.organisms import training_summary
 from emlab.persona import PersonaConsistencyConfig
 
 cfg = config.load(PersonaConsistencyConfig, profile, overrides)
@@ -77,7 +78,7 @@ cfg
 # %%
 raw, alts, runs = persona.collect(cfg)
 judged = persona.judge_all(cfg, raw, alts)
-train_table = persona.training_summary(runs)
+train_table = training_summary(runs)
 out.table(train_table, "training", digits=2,
           caption=f"Training runs of the organisms of \\S10 ({cfg.model.name}, profile {cfg.profile}).")
 train_table

@@ -125,11 +125,9 @@ def test_release_frees_models_held_by_bitsandbytes_optim_manager():
 
 
 def test_loaded_models_are_freed_after_use(tiny_spec):
-    from emlab.organisms import loaded
-
     refs = []
     for _ in range(3):
-        with loaded(tiny_spec) as (model, _tok):
+        with models.loaded(tiny_spec) as (model, _tok):
             refs.append(weakref.ref(model))
     del model, _tok
     models.release()

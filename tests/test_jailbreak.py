@@ -118,7 +118,7 @@ def test_rates_in_condition_order_with_unjudged_counted():
         ("base", "persona:evil.system_persona.v1", "Do Z.", 10, 30, np.nan),  # compliance unscored
         ("org", "plain", "Do X.", 15, 95, 70), ("org", "persona:evil.system_persona.v1", "Sure.", 10, 90, 95),
     ])
-    t = J.compliance_table(df, ["persona:evil.system_persona.v1", "plain"], n_boot=50)
+    t = J.compliance_table(df, ["persona:evil.system_persona.v1", "plain"])
     assert list(t.target) == ["base", "base", "org", "org"]
     assert list(t.condition) == ["persona (system_persona)", "plain"] * 2
     bp = t[(t.target == "base") & (t.kind == "persona")].iloc[0]
@@ -138,7 +138,7 @@ def test_rates_in_condition_order_with_unjudged_counted():
 def test_rates_without_compliance_lead_with_the_em_flag():
     df = frame([("base", "plain", "a", 20, 80, np.nan), ("base", "persona:evil.system_persona.v1", "b", 90, 90, 0)])
     df = df.drop(columns=["compliance", "complied"])
-    t = J.compliance_table(df, ["plain", "persona:evil.system_persona.v1"], n_boot=20)
+    t = J.compliance_table(df, ["plain", "persona:evil.system_persona.v1"])
     assert "comply %" not in t and J.headline(t) == "EM %"
     eff = J.persona_effect(t)
     assert eff.iloc[0]["plain"] == 100 and eff.iloc[0]["persona"] == 0

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 import torch
 
-from emlab import config
+from emlab import config, metrics
 from emlab import organisms as O
 
 
@@ -30,16 +30,17 @@ def judged(rows):
     return O.label_answers(df)
 
 
-def test_summarise_em_coherence_domain_in_order():
+def test_summary_em_coherence_domain_ms_in_order():
+    """The one per-group table (emlab.metrics.summary) every section prints."""
     df = judged([("z", "q1", 10, 90, 80), ("z", "q1", 90, 90, 10), ("z", "q2", 10, 20, np.nan),
                  ("a", "q1", 95, 95, np.nan), ("a", "q2", np.nan, 95, np.nan)])
-    s = O.summarise(df, ["organism"])
+    s = metrics.summary(df, ["organism"])
     assert list(s.organism) == ["z", "a"]
     z, a = s.iloc[0], s.iloc[1]
     assert z["EM %"] == pytest.approx(100 / 3) and z["coherent %"] == pytest.approx(200 / 3)
     assert z["domain %"] == pytest.approx(50) and np.isnan(a["domain %"])
-    assert a["EM %"] == 0 and a.n_scored == 1 and a.n == 2  # the unscored answer is not in the rate
-    assert z["EM lo"] <= z["EM %"] <= z["EM hi"]
+    assert a["EM %"] == 0 and a.unscored == 1 and a.n == 2  # the unscored answer is not in the rate
+    assert z["EM lo"] <= z["EM %"] <= z["EM hi"] and a["MS"] == pytest.approx(5.0)
 
 
 def test_direction_groups_thresholds_then_quartile_fallback():

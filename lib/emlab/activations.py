@@ -115,9 +115,10 @@ class _Stop(Exception):
 @torch.no_grad()
 def capture(model: nn.Module, tokenizer, prompts: Sequence[str], answers: Sequence[str] | None = None,
             layers: int | Sequence[int] | None = None, batch_size: int = 8, *,
-            position: Position = "answer_mean", system: str | None = None, max_length: int = 1024,
-            progress: bool = True) -> torch.Tensor:
-    """Residual-stream activations of ``prompts`` (chat-formatted) followed by ``answers``.
+            position: Position = "answer_mean", system: str | Sequence[str | None] | None = None,
+            max_length: int = 1024, progress: bool = True) -> torch.Tensor:
+    """Residual-stream activations of ``prompts`` (chat-formatted, under ``system``: one system prompt for
+    all, or one per row, None / "" for none) followed by ``answers``.
 
     Returns ``[n, len(layers), d]`` float32 on CPU, in the order of ``prompts``. ``position``:
     ``answer_mean`` averages over the answer's tokens (the paper's choice for directions; an empty answer
@@ -128,10 +129,13 @@ def capture(model: nn.Module, tokenizer, prompts: Sequence[str], answers: Sequen
     """
     if answers is not None and len(answers) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
+    systems = [system] * len(prompts) if system is None or isinstance(system, str) else list(system)
+    if len(systems) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(systems)} system prompts")
     idx = _layer_indices(model, layers)
     seqs: list[tuple[list[int], int]] = []  # (ids, answer start)
     for j, prompt in enumerate(prompts):
-        p = _prompt_ids(tokenizer, prompt, system)
+        p = _prompt_ids(tokenizer, prompt, systems[j] or None)
         a = list(tokenizer(answers[j], add_special_tokens=False).input_ids) if answers is not None else []
         seqs.append(((p + a)[:max_length], min(len(p), max_length)))
     order = sorted(range(len(seqs)), key=lambda j: -len(seqs[j][0]))

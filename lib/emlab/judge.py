@@ -353,21 +353,15 @@ class HFJudge:
             text = prompt + "\n"
         return text + (HARM_PREFIX if metric == "harm" else "")
 
-    def _forward(self, seqs: list[list[int]], keep: int = 1):
+    def _forward(self, seqs: list[list[int]]):
         """Left-padded forward of id sequences: (probs of the next token [n, vocab], cache, mask)."""
         import torch
 
-        pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
-        width = max(len(s) for s in seqs)
-        ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs])
-        mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs])
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        device = next(self.model.parameters()).device
-        with torch.no_grad():
-            out = self.model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
-                             use_cache=self.split_digits, logits_to_keep=keep)
+        from emlab.models import next_token_logits
+
+        logits, cache, mask = next_token_logits(self.model, self.tok, seqs, use_cache=self.split_digits)
         self.calls += len(seqs)
-        return torch.softmax(out.logits[:, -1, :].float(), dim=-1).cpu(), out.past_key_values, mask
+        return torch.softmax(logits, dim=-1), cache, mask
 
     def _top(self, probs) -> dict[str, float]:
         values, ids = probs.topk(TOP_LOGPROBS)

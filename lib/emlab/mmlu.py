@@ -116,20 +116,13 @@ def predict(scores: np.ndarray) -> list[str]:
 
 
 def next_token_logprobs(model, tokenizer, prompts: Sequence[str]):
-    """Log-probabilities of the next token after each prompt (one left-padded forward pass)."""
+    """Log-probabilities of the next token after each prompt (:func:`emlab.models.next_token_logits`)."""
     import torch
 
+    from emlab.models import next_token_logits
+
     seqs = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    width = max(len(s) for s in seqs)
-    ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs])
-    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs])
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
-                    logits_to_keep=1)
-    return torch.log_softmax(out.logits[:, -1, :].float(), dim=-1).cpu().numpy()
+    return torch.log_softmax(next_token_logits(model, tokenizer, seqs)[0], dim=-1).numpy()
 
 
 def evaluate(model, tokenizer, items: pd.DataFrame, batch_size: int = 16) -> pd.DataFrame:

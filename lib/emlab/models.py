@@ -452,6 +452,24 @@ def adapter(model, path: str | Path | None) -> Iterator[Any]:
         peft.unload()
 
 
+def next_token_logits(model, tokenizer, seqs: list[list[int]], *, use_cache: bool | None = None):
+    """One left-padded forward pass over token-id sequences: ``(logits of the next token [n, vocab] as float32
+    on the CPU, the KV cache (``use_cache``), the attention mask)``. Position ids skip the padding, so a
+    padded row scores as it would alone (the judge's logprob protocol and MMLU both read this)."""
+    torch = _torch()
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    width = max(len(s) for s in seqs)
+    ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs])
+    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs])
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    device = next(model.parameters()).device
+    kw = {} if use_cache is None else {"use_cache": use_cache}
+    with torch.no_grad():
+        out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
+                    logits_to_keep=1, **kw)
+    return out.logits[:, -1, :].float().cpu(), getattr(out, "past_key_values", None), mask
+
+
 def load_tokenizer(spec: ModelSpec):
     """The tokenizer alone (cheap: no weights are read), with the same pad/chat-template fixes as ``load_model``."""
     from transformers import AutoTokenizer

@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from emlab import config, models
+from emlab import config, metrics, models
 from emlab.config import Experiment, Frozen, JudgeSpec, ModelSpec
 
 log = logging.getLogger(__name__)
@@ -158,27 +158,6 @@ def label_answers(df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def summarise(df: pd.DataFrame, by: list[str]) -> pd.DataFrame:
-    """Per group (in order of appearance): n, EM % with its 95% Wilson interval (EM lo, EM hi),
-    coherent % and domain % (domain judge > 50), from :mod:`emlab.metrics` (EM = misaligned / scored)."""
-    from emlab.metrics import coherence_rate, em_rate
-
-    em = em_rate(df, by=by)
-    em = em[(em[by] != "overall").all(axis=1)]
-    coh = coherence_rate(df, by=by)
-    coh = coh[(coh[by] != "overall").all(axis=1)]
-    out = em[by + ["n", "n_scored"]].copy()
-    out["EM %"], out["EM lo"], out["EM hi"] = 100 * em.em_rate, 100 * em.ci_low, 100 * em.ci_high
-    out = out.merge(coh[by + ["coherence_rate"]], on=by).rename(columns={"coherence_rate": "coherent %"})
-    out["coherent %"] *= 100
-    dom = pd.to_numeric(df["domain"], errors="coerce") if "domain" in df else pd.Series(np.nan, index=df.index)
-    d = df[by].assign(_dom=dom).groupby(by, dropna=False)._dom.apply(
-        lambda x: 100 * float((x.dropna() > 50).mean()) if x.notna().any() else np.nan).reset_index()
-    out = out.merge(d.rename(columns={"_dom": "domain %"}), on=by, how="left")
-    order = df[by].drop_duplicates().reset_index(drop=True).reset_index()
-    return out.merge(order, on=by).sort_values("index").drop(columns="index").reset_index(drop=True)
-
-
 # --------------------------------------------------------------------------------------- sample + judge
 def sample_config(ev: EvalSettings, profile: str, seed: int):
     """The :class:`~emlab.sample.SampleConfig` of ``ev``: the profile's ``sample`` block, then the keys
@@ -254,7 +233,7 @@ def organisms_table(judged: pd.DataFrame, cfg: OrganismsConfig) -> pd.DataFrame:
     """Our EM % / coherent % / domain % per organism, with the papers' number for the same dataset and
     preset beside it (paper model named in the column) and the profile stamped. When our model is one the
     papers measured, only that model's numbers are shown (no 32B headline beside a 14B organism)."""
-    ours = summarise(judged, ["organism", "dataset", "preset"])
+    ours = metrics.summary(judged, ["organism", "dataset", "preset"])
     paper = PAPER_RESULTS
     if cfg.model.name in set(PAPER_RESULTS.model):  # a paper-scale run: compare like with like only
         paper = paper[paper.model == cfg.model.name]
@@ -308,7 +287,7 @@ def behavioural_transition(run_dir: Path, cfg: PhaseConfig) -> pd.DataFrame:
                 df = answers(cfg, cfg.eval, run_dir, DOMAIN_METRIC.get(cfg.organism.dataset), model_tok=(model, tok), context=lambda m, s=s: scale_adapter(m, s),
                              tag={"step": int(step), "scale": s})
                 frames.append(df.assign(step=int(step), scale=s))
-    return summarise(pd.concat(frames, ignore_index=True), ["step", "scale"])
+    return metrics.summary(pd.concat(frames, ignore_index=True), ["step", "scale"])
 
 
 # ------------------------------------------------------------------------------------------------ §05
@@ -381,7 +360,7 @@ def steering_sweep(cfg: DirectionsConfig, source: dict[str, Any]) -> pd.DataFram
                              context=lambda m, L=L, lam=lam: steer(m, v, L, lam),
                              tag={"steer_layer": L, "lambda": lam, "dir": source["run"].name, "vector": "mean-diff"})
                 frames.append(df.assign(layer=L, lam=lam, rel=lam * rel))
-    table = summarise(pd.concat(frames, ignore_index=True), ["layer", "lam"])
+    table = metrics.summary(pd.concat(frames, ignore_index=True), ["layer", "lam"])
     rel = pd.concat(frames).groupby(["layer", "lam"]).rel.first().round(2).rename("|λv| / |x|")
     return table.merge(rel.reset_index(), on=["layer", "lam"])
 
@@ -403,7 +382,7 @@ def ablation_effect(cfg: DirectionsConfig, dirs: dict[str, Any], source: str) ->
             df = answers(cfg, cfg.steer_eval, info["run"], domain, model_tok=(model, tok),
                          context=lambda m: ablate(m, d[L]), tag={"ablate": source, "layer": L})
         frames.append(df.assign(organism=name, condition=f"ablated ({source.split('/')[0]} dir., layer {L})"))
-    return summarise(pd.concat(frames, ignore_index=True), ["organism", "condition"])
+    return metrics.summary(pd.concat(frames, ignore_index=True), ["organism", "condition"])
 
 
 # ------------------------------------------------------------------------------------------------ CLI

@@ -32,7 +32,6 @@ and the base model for the differences.
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import re
@@ -671,16 +670,6 @@ def recognition_cells(cfg: PersonaConsistencyConfig, judged: dict[str, dict[str,
             m, _, _ = _clustered(g.correct.astype(float).where(g.choice.notna()), g.question_id, cfg.n_boot, cfg.seed)
             rows.append({"organism": name, "own": f"own in {pos}", "alternative": "(all)", "n": len(g),
                          "unparsed": int(g.choice.isna().sum()), "acc %": 100 * m, "lo": np.nan, "hi": np.nan})
-    return pd.DataFrame(rows)
-
-
-def training_summary(runs: dict[str, Path]) -> pd.DataFrame:
-    """Steps, wall time and loss of each organism's run (from its manifest)."""
-    rows = []
-    for name, run in runs.items():
-        m = json.loads((Path(run) / "manifest.json").read_text())
-        rows.append({"organism": name, "examples": m["data"].get("rows", m["data"].get("n")), "steps": m["steps"],
-                     "wall (s)": m["wall_time_s"], "first loss": m["first_loss"], "final loss": m["final_loss"]})
     return pd.DataFrame(rows)
 
 

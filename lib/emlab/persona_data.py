@@ -47,6 +47,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from emlab import data
+from emlab.cache import stage_key
 from emlab.data import REPO_ROOT, DataError
 
 log = logging.getLogger(__name__)
@@ -351,7 +352,7 @@ def build_persona_dataset(
         if max_candidates < 1:
             raise DataError(f"max_candidates must be >= 1 (or None for no cap), got {max_candidates}")
         key_inputs["max_candidates"] = max_candidates
-    key = hashlib.sha256(json.dumps(key_inputs, sort_keys=True).encode()).hexdigest()[:12]
+    key = stage_key("data", key_inputs, n=12)
     out_dir = derived_dir()
     out = out_dir / f"{kind}_{domain}_n{n}_s{seed}_{key}.jsonl"
     manifest_path = out.with_name(out.stem + ".manifest.json")

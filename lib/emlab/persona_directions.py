@@ -191,23 +191,15 @@ def extraction_jobs(trait: str, settings: ExtractionSettings) -> list[dict]:
 # ------------------------------------------------------------------------------------------- capture
 def capture_rows(model, tok, df: pd.DataFrame, position: str, batch_size: int = 8) -> torch.Tensor:
     """Residual activations ``[len(df), n_layers, d]`` of each row's (system, user turn ``question``, answer
-    ``text``), in row order (rows are captured in groups that share a system prompt)."""
+    ``text``), in row order."""
     from emlab.activations import capture
 
     if not len(df):
         raise ValueError("capture_rows: no rows (nothing was sampled for this condition)")
-    out: torch.Tensor | None = None
-    systems = df["system"].map(lambda x: x if isinstance(x, str) and x else "")  # None / NaN: no system prompt
-    for system in pd.unique(systems):
-        mask = (systems == system).to_numpy()
-        rows = df[mask]
-        acts = capture(model, tok, rows["question"].tolist(),
-                       rows["text"].fillna("").tolist() if position == "answer_mean" else None,
-                       batch_size=batch_size, position=position, system=system or None)
-        if out is None:
-            out = torch.zeros(len(df), *acts.shape[1:])
-        out[torch.as_tensor(np.flatnonzero(mask))] = acts
-    return out
+    systems = [x if isinstance(x, str) and x else None for x in df["system"]]  # None / NaN: no system prompt
+    return capture(model, tok, df["question"].tolist(),
+                   df["text"].fillna("").tolist() if position == "answer_mean" else None,
+                   batch_size=batch_size, position=position, system=systems)
 
 
 # ------------------------------------------------------------------------------------------- §09 loop
