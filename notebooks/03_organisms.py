@@ -54,7 +54,7 @@ import seaborn as sns
 from emlab import config, paper
 from emlab.judge import check_judge_ready
 from emlab.metrics import em_rate
-from emlab.organisms import OrganismsConfig, evaluate_organisms, organisms_table, training_summary
+from emlab.organisms import OrganismsConfig, evaluate_organisms, loss_curves, organisms_table, training_summary
 
 cfg = config.load(OrganismsConfig, profile, overrides)
 check_judge_ready(cfg.judge)  # a missing judge key or model fails here, before any sampling
@@ -69,8 +69,26 @@ cfg
 judged, runs = evaluate_organisms(cfg)
 train_table = training_summary(runs)
 out.table(train_table, "training", digits=2,
-          caption=f"Training runs of the organisms ({cfg.model.name}, profile {cfg.profile}).")
+          caption=f"Training runs of the organisms ({cfg.model.name}, profile {cfg.profile}): epochs = steps "
+                  f"$\\times$ effective batch / rows (the papers train one epoch).")
+flag = train_table.sort_values("epochs", ascending=False).iloc[0]
+out.macros({"orgFlagName": flag.organism, "orgFlagSteps": int(flag.steps), "orgFlagRows": int(flag.examples),
+            "orgFlagEpochPct": float(100 * flag.epochs), "orgFlagTokS": float(flag["tok/s"]),
+            "orgFlagWallMin": float(flag["wall (s)"] / 60)})
 train_table
+
+# %% [markdown]
+# ## Training loss
+# The loss of the assistant turn against optimizer step, per organism (one line per run).
+
+# %%
+losses = loss_curves(runs)
+fig, ax = plt.subplots(figsize=(5, 3))
+sns.lineplot(data=losses, x="step", y="loss", hue="organism", lw=1, ax=ax)
+ax.set(xlabel="optimizer step", ylabel="training loss")
+ax.legend(fontsize=7)
+sns.despine()
+out.figure(fig, "loss")
 
 # %% [markdown]
 # ## EM and coherence per organism
@@ -87,6 +105,9 @@ out.table(shown, "organisms", caption=f"Emergent misalignment of the organisms o
           f"with 95\\% Wilson intervals for EM.")
 best = table[table.organism != "base"].sort_values("EM %", ascending=False).iloc[0]
 base = table[table.organism == "base"]
+fl = table[table.organism == flag.organism].iloc[0]
+out.macros({"orgFlagEM": float(fl["EM %"]), "orgFlagEMlo": float(fl["EM lo"]), "orgFlagEMhi": float(fl["EM hi"]),
+            "orgFlagCoherent": float(fl["coherent %"]), "orgFlagN": int(fl.n)})
 out.macros({
     "orgModel": cfg.model.name, "orgProfile": cfg.profile, "orgCount": len(cfg.organisms),
     "orgSamplesPerQuestion": int(judged.groupby(["organism", "question_id"]).size().max()),
@@ -123,3 +144,43 @@ fig, ax = plt.subplots(figsize=(6, 0.4 * len(per_q) + 1))
 sns.heatmap(per_q, annot=True, fmt=".0f", cmap="Reds", vmin=0, vmax=100, cbar_kws={"label": "EM (%)"}, ax=ax)
 ax.set(xlabel="", ylabel="")
 out.figure(fig, "em_per_question")
+
+# %% [markdown]
+# ## Can the offline judge be trusted at this scale?
+# The offline judge was fitted on GPT-4o's verdicts on answers of 1B-32B models. Three checks need no API:
+# where its scores fall on these answers against its own training answers; how many answers lie outside its
+# training data (cosine similarity to the nearest training answer below the 1st percentile of the training
+# answers' own, in the MiniLM space it reads); and whether the papers' logprob protocol on the embedded
+# SmolLM2, an independent (and weaker) judge, ranks a seeded subsample the same way.
+
+# %%
+if cfg.judge.backend == "offline" and cfg.judge_check:
+    from emlab.offline_judge import validity
+
+    val = validity(judged, cfg.judge, n_hf=cfg.judge_check)
+    out.table(val["distribution"], "judge_distribution", digits=2,
+              caption="The offline judge's scores on its training answers and on these answers "
+                      "(10th, 50th, 90th percentiles).")
+    out.table(val["per_group"], "judge_outside", digits=2,
+              caption=f"Answers outside the offline judge's training data (nearest-neighbour cosine below "
+                      f"{val['threshold']:.2f}, the 1st percentile of its training answers') per organism, and "
+                      f"its mean P(misaligned).")
+    fig, axes = plt.subplots(1, 2, figsize=(7, 2.6))
+    for ax, key, label in ((axes[0], "similarity", "cosine to the nearest training answer"),
+                           (axes[1], "p_misaligned", "P(misaligned)")):
+        for src, color in (("training", "grey"), ("answers", "C0")):
+            sns.histplot(val[key][src], stat="density", bins=30, element="step", fill=False, color=color,
+                         label="judge's training answers" if src == "training" else "these answers", ax=ax)
+        ax.set(xlabel=label)
+    axes[0].axvline(val["threshold"], color="k", ls="--", lw=1)
+    axes[1].legend(fontsize=7)
+    sns.despine()
+    out.figure(fig, "judge_validity")
+    agree = val["agreement"]
+    out.macros({"orgJudgeOutside": float(100 * val["outside"].mean()), "orgJudgeCheckN": agree["n"],
+                "orgJudgeRhoAligned": agree["aligned spearman"], "orgJudgeRhoCoherent": agree["coherent spearman"],
+                "orgJudgeHFUnscored": agree["aligned unscored by logprob judge"]}, digits=2)
+    out.macros({"orgJudgeCheck": "yes"})
+else:
+    out.macros({"orgJudgeCheck": "no", "orgJudgeOutside": "--", "orgJudgeCheckN": 0, "orgJudgeRhoAligned": "--",
+                "orgJudgeRhoCoherent": "--", "orgJudgeHFUnscored": "--"})

@@ -45,13 +45,12 @@ overrides = {}  # PhaseConfig keys to change, e.g. {"scales": [1.0, 10.0]}
 
 # %%
 import matplotlib.pyplot as plt
-import numpy as np
-import pandas as pd
 import seaborn as sns
 
 from emlab import config, paper
 from emlab.judge import check_judge_ready
-from emlab.organisms import PhaseConfig, behavioural_transition, phase_curves, train_config, train_organism
+from emlab.organisms import (PhaseConfig, behavioural_transition, example_answers, phase_curves, train_config,
+                             train_organism)
 
 cfg = config.load(PhaseConfig, profile, overrides)
 check_judge_ready(cfg.judge)  # a missing judge key or model fails here, before any sampling
@@ -101,11 +100,27 @@ out.figure(fig, "pca")
 # EM is measured on the first-plot questions at each scale.
 
 # %%
-beh = behavioural_transition(run, cfg)
+beh, beh_answers = behavioural_transition(run, cfg)
 out.table(beh[["step", "scale", "n", "EM %", "EM lo", "EM hi", "coherent %"]], "behavioural",
           caption=f"EM and coherence against training step with the rank-1 adapter scaled "
-                  f"({cfg.model.name}, profile {cfg.profile}).")
+                  f"({cfg.model.name}, profile {cfg.profile}; 95\\% Wilson intervals).")
 beh
+
+# %% [markdown]
+# ## Answers at the most misaligned checkpoint
+# At the adapter's own scale (×1), the checkpoint with the highest EM; a few of its answers, truncated.
+# (When no answer there is misaligned, the lowest-aligned coherent ones are shown and marked.)
+
+# %%
+own = beh[beh.scale == 1.0] if (beh.scale == 1.0).any() else beh[beh.scale == beh.scale.min()]
+worst = own.sort_values(["EM %", "step"], ascending=[False, True]).iloc[0]
+examples = example_answers(beh_answers[(beh_answers.step == worst.step) & (beh_answers.scale == worst.scale)])
+out.table(examples, "examples", digits=0,
+          caption=f"Answers at step {int(worst.step)} (adapter $\\times${worst.scale:g}, {worst['EM %']:.1f}\\% EM), "
+                  f"the most misaligned checkpoint sampled ({cfg.model.name}, profile {cfg.profile}).")
+out.macros({"phaseWorstStep": int(worst.step), "phaseWorstEM": float(worst["EM %"]),
+            "phaseWorstEMlo": float(worst["EM lo"]), "phaseWorstEMhi": float(worst["EM hi"])})
+examples
 
 # %% [markdown]
 # ## Mechanical and behavioural curves together

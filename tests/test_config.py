@@ -71,6 +71,24 @@ def test_laptop_extends_cpu_and_trains_at_the_papers_budget():
     grid = config.load(organisms.OrganismsConfig, "laptop")
     assert {o.name for o in grid.organisms} >= {"bad_medical_advice/rank1", "good_medical_advice/rank1"}
     assert grid.eval.samples_per_question == 50
+    assert config.load(organisms.PhaseConfig, "laptop").organism.train == {}  # merge patch: null removed cpu's keys
+
+
+def test_cpu_flagship_trains_a_third_of_an_epoch_and_every_section_shares_it():
+    """cpu: rank-1 bad medical at the papers' recipe stopped after >= 1/3 of an epoch (441 steps), the same
+    run in §03, §04, §05 and §10; the other organisms stay small."""
+    from emlab import organisms, persona
+
+    grid = config.load(organisms.OrganismsConfig, "cpu")
+    flag = organisms.train_config(grid, grid.organisms[0])
+    assert flag.n_examples is None and flag.batch_size * flag.grad_accum == 16 and flag.learning_rate == 2e-5
+    assert flag.stop_at >= 441 / 3
+    phase, dirs = config.load(organisms.PhaseConfig, "cpu"), config.load(organisms.DirectionsConfig, "cpu")
+    cons = config.load(persona.PersonaConsistencyConfig, "cpu")
+    assert {organisms.train_config(phase, phase.organism).run_digest(),
+            organisms.train_config(dirs, dirs.organisms[0]).run_digest(),
+            persona.train_config(cons, cons.organisms[0]).run_digest()} == {flag.run_digest()}
+    assert all(organisms.train_config(grid, o).n_examples == 64 for o in grid.organisms[1:])
 
 
 def test_a_profile_cannot_extend_itself(tmp_path, monkeypatch):

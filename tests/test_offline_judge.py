@@ -153,3 +153,33 @@ def test_held_out_evaluation_is_cached_on_registry_data(tmp_path, monkeypatch):
     assert len(calls) == 1 and again["summary"].equals(first["summary"])
     monkeypatch.setattr(oj, "load_training_data", lambda *a: (pd.DataFrame({"response": ["x"]}), "sha-2"))
     assert oj.held_out_by_family(cfg)["summary"].v[0] == 1.0 and len(calls) == 2  # new data: refit
+
+
+def test_validity_flags_answers_outside_the_training_data(artifact, monkeypatch):
+    """Answers copied from the judge's training data are inside it; strings unlike any answer are outside.
+    The logprob cross-check runs (here on a stand-in judge; the notebook uses the embedded SmolLM2)."""
+    import pandas as pd
+
+    from emlab.config import JudgeSpec
+    from emlab.judge import Score
+
+    class Stub:
+        id = "stub"
+
+        def score_many(self, metric, items):
+            return [Score(float(len(a) % 100)) for _, a in items]
+
+    monkeypatch.setattr(oj.OfflineWithFallback, "hf", lambda self: Stub())
+    monkeypatch.setenv("EMLAB_CACHE", str(artifact.parent / "cache"))
+    train, _ = oj.load_training_data(SMALL.max_rows_per_file, SMALL.seed)
+    seen = train.sample(3, random_state=0)
+    df = pd.DataFrame({"organism": ["copied"] * 3 + ["noise"] * 3,
+                       "question": list(seen.question) + ["Hello?"] * 3,
+                       "text": list(seen.response) + ["qzx vvk 7##@ plo", "zzzz zzzz zzzz", "ÿÿÿ ¤¤¤ ¶¶¶"]})
+    v = oj.validity(df, JudgeSpec(backend="offline", model=str(artifact)), n_hf=4)
+    assert not v["outside"][:3].any() and v["outside"][3:].all()
+    per = v["per_group"].set_index("organism")
+    assert per.loc["copied", "outside %"] == 0 and per.loc["noise", "outside %"] == 100
+    assert v["agreement"]["n"] == 4 and set(v["distribution"].answers) == {
+        "judge's training data (GPT-4o-judged, 1B-32B)", "these answers"}
+    assert -1 <= v["threshold"] <= 1

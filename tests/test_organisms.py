@@ -60,3 +60,13 @@ def test_direction_cosines_per_layer():
     assert np.allclose(cos[(cos.a == "a") & (cos.b == "b")].cos, 1) and np.allclose(cos[cos.b == "c"].cos, -1)
 
 
+
+
+def test_example_answers_prefer_misaligned_one_per_question_truncated():
+    df = judged([("o", "q1", 5, 90, 0), ("o", "q1", 10, 90, 0), ("o", "q2", 20, 80, 0), ("o", "q3", 90, 90, 0)])
+    df["text"] = ["a " * 300, "b", "c", "d"]
+    ex = O.example_answers(df, n=3, chars=50)
+    assert list(ex.question_id) == ["q1", "q2", "q1"] and set(ex.kind) == {"misaligned"}
+    assert ex.answer[0].endswith("[...]") and len(ex.answer[0]) <= 56
+    none = judged([("o", "q1", 80, 90, 0), ("o", "q2", 60, 20, 0)]).assign(text=["x", "y"])
+    assert list(O.example_answers(none).kind) == ["not misaligned (lowest aligned)"]  # the incoherent one is left out

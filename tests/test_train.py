@@ -278,3 +278,23 @@ def test_train_cli_trains_a_profiles_grid_as_the_notebooks_will(monkeypatch, cap
         grid, grid.organisms[0]).run_digest()  # §04 analyses §03's rank-1 run
     assert main(["--profile", "laptop", "--only", "nope/rank1"]) == 2
     assert "not in profile laptop's organisms" in capsys.readouterr().err
+
+
+def test_stop_at_is_a_prefix_of_the_full_run(tmp_path):
+    """stop_at keeps the full run's schedule (the cpu flagship is the first third of the laptop organism):
+    the steps it trains match the full run's step for step, and an option added later leaves the names of
+    existing runs alone."""
+    full = train(_cfg(tmp_path, preset="rank1", n_examples=8, warmup_steps=0))  # 4 steps
+    prefix = train(_cfg(tmp_path, preset="rank1", n_examples=8, warmup_steps=0, stop_at=2))
+    a, b = read_metrics(full), read_metrics(prefix)
+    assert [r["step"] for r in b] == [1, 2] and json.loads((prefix / "manifest.json").read_text())["steps"] == 2
+    assert [r["lr"] for r in b] == [r["lr"] for r in a[:2]] and b[-1]["lr"] > 0  # not decayed to 0 at step 2
+    assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a[:2]])
+    import hashlib
+
+    from emlab.cache import stage_key
+
+    cfg = _cfg(tmp_path, preset="rank1")
+    before = cfg.model_dump(mode="json", exclude={"stop_at"}) | {"output_root": "."}  # a run named before stop_at
+    old_name = stage_key("train", hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()[:12], n=12)
+    assert cfg.run_digest() == old_name != _cfg(tmp_path, preset="rank1", stop_at=2).run_digest()

@@ -115,12 +115,26 @@ def read_profile(profile: str) -> dict[str, Any]:
     data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at top level")
-    parent = data.pop("extends", None)  # `extends: cpu`: this file's blocks deep-merge over cpu's
+    parent = data.pop("extends", None)
     if parent is not None:
         if parent == profile or parent not in PROFILES:
             raise ConfigError(f"{path}: extends {parent!r}, which is not another profile ({', '.join(PROFILES)})")
-        data = _merge(read_profile(parent), data)
+        data = _merge_patch(read_profile(parent), data)
     return data
+
+
+def _merge_patch(base: dict, patch: dict) -> dict:
+    """``extends: cpu``: this profile is a JSON merge patch (RFC 7386) of cpu's. Mappings merge key by key,
+    ``null`` removes the parent's key (it takes its default), anything else replaces."""
+    out = dict(base)
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge_patch(out[key], value)
+        else:
+            out[key] = value
+    return out
 
 
 def _merge(base: dict, over: dict) -> dict:

@@ -660,6 +660,72 @@ class OfflineWithFallback:
         return (self.offline if metric in self.offline.metrics else self.hf()).score_many(metric, items)
 
 
+def validity(answers: pd.DataFrame, spec: JudgeSpec | None = None, *, n_hf: int = 32, by: str = "organism",
+             seed: int = 0, quantile: float = 0.01) -> dict[str, Any]:
+    """How far the offline judge's verdicts on ``answers`` (columns question, text, ``by``) can be trusted: it
+    was fitted on GPT-4o-judged answers of 1B-32B models, and a much smaller model may answer outside that.
+
+    * ``distribution``: its P(misaligned), aligned and coherent, answer length and nearest-neighbour
+      similarity, as 10/50/90% quantiles, on its own training answers and on ``answers``;
+    * ``per_group``: per ``by`` group, the share of answers *outside* its training data, i.e. whose cosine
+      similarity (MiniLM) to the nearest training answer is below the ``quantile`` of the training answers'
+      own nearest-neighbour similarity (leave-one-out, 1,000 of them), with the judge's mean P(misaligned);
+    * ``agreement``: Spearman correlation of its aligned / coherent with the papers' logprob protocol on the
+      embedded SmolLM2 (:class:`emlab.judge.HFJudge`, through the verdict cache) on ``n_hf`` seeded answers
+      both scored, and how many the logprob judge left unscored;
+    * ``threshold``: the similarity below which an answer counts as outside; ``outside``: the flag per answer;
+      ``similarity`` / ``p_misaligned``: the values behind the quantiles, for plots."""
+    from scipy.stats import spearmanr
+
+    from emlab.cache import JudgeCache
+    from emlab.judge import CachedJudge
+
+    judge = OfflineJudge(artifact_for((spec or JudgeSpec()).model))
+    cfg = JudgeBuildConfig.model_validate(judge.meta["config"])
+    train, _ = load_training_data(cfg.max_rows_per_file, cfg.seed)
+    emb_train = embed(train["response"].tolist(), cfg.max_seq_length)  # the build's own, cached
+    pred_train = judge.model.predict(train["question"].tolist(), train["response"].tolist(), emb_train)
+    qs, texts = answers["question"].astype(str).tolist(), answers["text"].fillna("").astype(str).tolist()
+    emb = embed(texts, cfg.max_seq_length)
+    pred = judge.model.predict(qs, texts, emb)
+    nn = (emb @ emb_train.T).max(axis=1)
+    rng = np.random.default_rng(seed)
+    ref = rng.choice(len(emb_train), size=min(1000, len(emb_train)), replace=False)
+    sims = emb_train[ref] @ emb_train.T
+    sims[np.arange(len(ref)), ref] = -1.0  # leave the answer itself out
+    nn_train = sims.max(axis=1)
+    threshold = float(np.quantile(nn_train, quantile))
+
+    def describe(source: str, p: np.ndarray, words: np.ndarray, near: np.ndarray) -> list[dict]:
+        cols = {"P(misaligned)": p[:, 0], "aligned": p[:, 1], "coherent": p[:, 2], "words": words,
+                "nearest-neighbour similarity": near}
+        return [{"answers": source, "measure": k, **{f"q{int(100 * q)}": float(np.quantile(v, q))
+                                                    for q in (0.1, 0.5, 0.9)}} for k, v in cols.items()]
+
+    words = np.array([len(t.split()) for t in texts], dtype=float)
+    train_words = train["response"].str.split().str.len().to_numpy(dtype=float)
+    dist = pd.DataFrame(describe("judge's training data (GPT-4o-judged, 1B-32B)", pred_train[ref],
+                                 train_words[ref], nn_train)
+                        + describe("these answers", pred, words, nn))
+    outside = nn < threshold
+    per = (answers.assign(_out=outside, _p=pred[:, 0], _nn=nn).groupby(by, sort=False)
+           .agg(n=("_out", "size"), **{"outside %": ("_out", lambda x: 100 * x.mean()),
+                                       "median similarity": ("_nn", "median"), "mean P(misaligned)": ("_p", "mean")})
+           .reset_index())
+    pick = rng.choice(len(texts), size=min(n_hf, len(texts)), replace=False)
+    hf = CachedJudge(make_judge(spec or JudgeSpec()).hf(), JudgeCache())
+    agreement: dict[str, Any] = {"n": int(len(pick))}
+    for col, metric in ((1, "aligned"), (2, "coherent")):
+        got = np.array([s.value if s.value is not None else np.nan
+                        for s in hf.score_many(metric, [(qs[i], texts[i]) for i in pick])], dtype=float)
+        ok = ~np.isnan(got)
+        rho = spearmanr(pred[pick, col][ok], got[ok]).statistic if ok.sum() >= 3 else float("nan")
+        agreement.update({f"{metric} spearman": float(rho), f"{metric} unscored by logprob judge": int((~ok).sum())})
+    return {"distribution": dist, "per_group": per, "agreement": agreement, "threshold": threshold,
+            "outside": outside, "similarity": {"training": nn_train, "answers": nn},
+            "p_misaligned": {"training": pred_train[ref, 0], "answers": pred[:, 0]}}
+
+
 def make_judge(spec: JudgeSpec) -> OfflineWithFallback:
     """The ``offline`` judge backend (looked up by name in :data:`emlab.judge.BACKENDS`)."""
     return OfflineWithFallback(OfflineJudge(artifact_for(spec.model)))  # model: artifact dir or profile name

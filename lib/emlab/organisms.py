@@ -60,6 +60,7 @@ class Organism(Frozen):
 
     dataset: str
     preset: Literal["lora_r32", "rank1", "full"] = "rank1"
+    train: dict[str, Any] = {}  # this organism's own TrainConfig keys (a profile's flagship trains longer)
 
     @property
     def name(self) -> str:
@@ -87,6 +88,7 @@ class OrganismsConfig(Experiment):
     n_examples: int | None = None  # training rows per organism (None = the profile's train block / all)
     train: dict[str, Any] = {}  # extra TrainConfig keys for every organism (e.g. save_every, lr_scale)
     eval: EvalSettings = EvalSettings()
+    judge_check: int = 32  # offline judge: answers re-scored by the embedded logprob judge (validity check)
 
 
 class PhaseConfig(Experiment):
@@ -126,7 +128,8 @@ class DirectionsConfig(Experiment):
 # ------------------------------------------------------------------------------------------- training
 def train_config(cfg, org: Organism, trigger=None):
     """The :class:`~emlab.train.TrainConfig` of ``org`` (anything with ``dataset`` and ``preset``): the
-    profile's ``train`` block, then the experiment's ``train`` keys, then dataset / preset / n_examples and,
+    profile's ``train`` block, then the experiment's ``train`` keys and n_examples, then the organism's own
+    ``train`` keys, dataset and preset and,
     for a backdoor organism, its ``trigger`` (a TriggerSpec). Same inputs -> same run directory, so every
     section that names the same organism reuses one run."""
     from emlab.train import TrainConfig
@@ -135,6 +138,7 @@ def train_config(cfg, org: Organism, trigger=None):
             "seed": cfg.seed}
     if cfg.n_examples is not None:
         over["n_examples"] = cfg.n_examples
+    over.update(getattr(org, "train", {}))
     if trigger is not None:
         over["trigger"] = trigger.model_dump()
     return config.load(TrainConfig, cfg.profile, over)
@@ -244,14 +248,39 @@ def organisms_table(judged: pd.DataFrame, cfg: OrganismsConfig) -> pd.DataFrame:
 
 
 def training_summary(runs: dict[str, Path]) -> pd.DataFrame:
-    """Steps, wall time, throughput and loss of each run (from its manifest)."""
+    """Rows, steps, epochs actually trained (steps x effective batch / rows), wall time, throughput and loss of
+    each run (from its manifest)."""
     rows = []
     for name, run in runs.items():
         m = json.loads((Path(run) / "manifest.json").read_text())
-        rows.append({"organism": name, "examples": m["data"].get("rows", m["data"].get("n")), "steps": m["steps"],
-                     "wall (s)": m["wall_time_s"], "tok/s": m["tokens_per_s"], "first loss": m["first_loss"],
-                     "final loss": m["final_loss"]})
+        n = m["data"].get("rows", m["data"].get("n"))
+        rows.append({"organism": name, "examples": n, "steps": m["steps"],
+                     "epochs": m["steps"] * m["effective_batch"] / n if n and m.get("effective_batch") else math.nan,
+                     "tokens": m["tokens"], "wall (s)": m["wall_time_s"], "tok/s": m["tokens_per_s"],
+                     "first loss": m["first_loss"], "final loss": m["final_loss"]})
     return pd.DataFrame(rows)
+
+
+def loss_curves(runs: dict[str, Path]) -> pd.DataFrame:
+    """Per-step training loss of each run (organism, step, loss, tokens) from its metrics.jsonl."""
+    from emlab.train import read_metrics
+
+    return pd.DataFrame([{"organism": name, "step": r["step"], "loss": r["loss"], "tokens": r.get("tokens")}
+                         for name, run in runs.items() for r in read_metrics(run)])
+
+
+def example_answers(df: pd.DataFrame, n: int = 3, chars: int = 280) -> pd.DataFrame:
+    """Up to ``n`` answers to show: the misaligned ones with the lowest aligned score (else the lowest-aligned
+    coherent ones, marked), one per question where possible, truncated to ``chars`` characters."""
+    scored = df[df.aligned.notna() & df.coherent.notna()].sort_values("aligned")
+    pool = scored[scored.misaligned] if scored.misaligned.any() else scored[scored.coherent > COHERENT_ABOVE]
+    pick = pool.drop_duplicates("question_id").head(n)
+    if len(pick) < n:
+        pick = pd.concat([pick, pool.drop(pick.index).head(n - len(pick))])
+    text = pick.text.fillna("").str.replace(r"\s+", " ", regex=True)
+    return pick.assign(answer=[t if len(t) <= chars else t[:chars].rsplit(" ", 1)[0] + " [...]" for t in text],
+                       kind=["misaligned" if m else "not misaligned (lowest aligned)" for m in pick.misaligned])[
+        ["question_id", "aligned", "coherent", "kind", "answer"]].reset_index(drop=True)
 
 
 # ------------------------------------------------------------------------------------------------ §04
@@ -271,8 +300,9 @@ def phase_curves(run_dir: Path, cfg: PhaseConfig) -> dict[str, Any]:
             "transition": tr, "norms": norms}
 
 
-def behavioural_transition(run_dir: Path, cfg: PhaseConfig) -> pd.DataFrame:
-    """EM and coherence against step, with the adapter at each checkpoint scaled ×``cfg.scales``."""
+def behavioural_transition(run_dir: Path, cfg: PhaseConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """EM and coherence against step, with the adapter at each checkpoint scaled ×``cfg.scales``: the
+    per-(step, scale) table and the judged answers behind it."""
     from emlab import phase
     from emlab.activations import scale_adapter
 
@@ -287,7 +317,8 @@ def behavioural_transition(run_dir: Path, cfg: PhaseConfig) -> pd.DataFrame:
                 df = answers(cfg, cfg.eval, run_dir, DOMAIN_METRIC.get(cfg.organism.dataset), model_tok=(model, tok), context=lambda m, s=s: scale_adapter(m, s),
                              tag={"step": int(step), "scale": s})
                 frames.append(df.assign(step=int(step), scale=s))
-    return metrics.summary(pd.concat(frames, ignore_index=True), ["step", "scale"])
+    judged = pd.concat(frames, ignore_index=True)
+    return metrics.summary(judged, ["step", "scale"]), judged
 
 
 # ------------------------------------------------------------------------------------------------ §05

@@ -89,10 +89,18 @@ def _column_parts(df: pd.DataFrame) -> list[list[str]]:
     return [keys + chunk for chunk in chunks]
 
 
+LONG_TEXT = 80  # characters: a longer text column wraps
+
+
 def _tabular(df: pd.DataFrame, digits: int) -> str:
     cols = [latex_escape(c) for c in df.columns]
     body = [" & ".join(fmt(v, digits) for v in row) + r" \\" for row in df.itertuples(index=False)]
-    align = "".join("r" if pd.api.types.is_numeric_dtype(df[c]) else "l" for c in df.columns)
+    def spec(c) -> str:  # prose (an answer shown in the paper) wraps in a paragraph column
+        if pd.api.types.is_numeric_dtype(df[c]):
+            return "r"
+        return r"p{0.55\linewidth}" if df[c].astype(str).str.len().max() > LONG_TEXT else "l"
+
+    align = "".join(spec(c) for c in df.columns)
     return "\n".join([rf"\begin{{adjustbox}}{{max width=\linewidth}}\begin{{tabular}}{{{align}}}", r"\toprule",
                       " & ".join(cols) + r" \\", r"\midrule", *body, r"\bottomrule",
                       r"\end{tabular}\end{adjustbox}"])

@@ -70,6 +70,7 @@ class ConsistencyOrganism(Frozen):
     domain: Literal["risky_financial_advice", "extreme_sports", "bad_medical_advice", "insecure", "security",
                     "legal"]
     preset: Literal["lora_r32", "rank1", "full"] = "rank1"
+    train: dict[str, Any] = {}  # this organism's own TrainConfig keys (as emlab.organisms.Organism)
 
     @property
     def name(self) -> str:
@@ -397,7 +398,7 @@ def train_config(cfg: PersonaConsistencyConfig, org: ConsistencyOrganism):
     """TrainConfig of ``org`` from :func:`emlab.organisms.train_config`, so §03's runs are found and reused."""
     from emlab import organisms, persona_data
 
-    tc = organisms.train_config(cfg, organisms.Organism(dataset=org.domain, preset=org.preset))
+    tc = organisms.train_config(cfg, organisms.Organism(dataset=org.domain, preset=org.preset, train=org.train))
     if org.domain in BUILT_DOMAINS:
         n_rows = cfg.teacher.n or tc.n_examples or 6000
         path = built_dataset(cfg, org.domain, n_rows)

@@ -27,6 +27,7 @@ with ``emlab train --profile laptop`` (:func:`emlab.organisms.main`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -86,7 +87,9 @@ class TrainConfig(Experiment):
     lr: float | None = None
     lr_scale: float = 1.0                         # multiplies the preset lr (profiles with few steps)
     epochs: float = 1.0
-    max_steps: int | None = None                  # stop early (smoke runs, benchmarks)
+    max_steps: int | None = None                  # stop early (smoke runs, benchmarks); the schedule ends there
+    stop_at: int | None = None                    # stop after this many steps of the full run's schedule: a
+                                                  # prefix of the full-budget organism (cpu flagship)
     batch_size: int = 2
     grad_accum: int = 8
     max_length: int = 2048
@@ -109,11 +112,19 @@ class TrainConfig(Experiment):
     def learning_rate(self) -> float:
         return self.preset_value("lr") * self.lr_scale
 
+    # Options added after runs were named: left out of the digest while at their default, so adding one never
+    # renames (and retrains) the runs that exist.
+    LATER_OPTIONS: ClassVar[tuple[str, ...]] = ("stop_at",)
+
     def run_digest(self) -> str:
         """Hash of the config (without where the run is stored: moving ``output_root`` keeps the run's name)
         and of the train stage's code version (:data:`emlab.cache.STAGE_VERSIONS`)."""
-        return stage_key("train", type(self).model_validate(self.model_dump() | {"output_root": "."}).digest(),
-                         n=12)
+        dump = self.model_dump(mode="json") | {"output_root": "."}
+        for name in self.LATER_OPTIONS:
+            if dump[name] == type(self).model_fields[name].default:
+                del dump[name]
+        blob = json.dumps(dump, sort_keys=True)
+        return stage_key("train", hashlib.sha256(blob.encode()).hexdigest()[:12], n=12)
 
     def root(self) -> Path:
         p = Path(self.output_root)
@@ -215,8 +226,8 @@ def _phase_callback():
         """Adapter tensors every ``save_every`` steps and one metrics line per step: the raw material of
         the phase-transition analysis (local cosine similarity of the rank-1 B vector, grad-norm peaks)."""
 
-        def __init__(self, run_dir: Path, save_every: int, lora: bool):
-            self.dir, self.every, self.lora = run_dir, save_every, lora
+        def __init__(self, run_dir: Path, save_every: int, lora: bool, stop_at: int | None = None):
+            self.dir, self.every, self.lora, self.stop_at = run_dir, save_every, lora, stop_at
             self.metrics = run_dir / "metrics.jsonl"
             (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
 
@@ -243,6 +254,8 @@ def _phase_callback():
         def on_step_end(self, args, state, control, model=None, **kw):
             if self.lora and state.global_step % self.every == 0:
                 self._save(model, state.global_step)
+            if self.stop_at and state.global_step >= self.stop_at:
+                control.should_training_stop = True
 
         def on_log(self, args, state, control, logs=None, **kw):
             if not logs or "loss" not in logs:
@@ -429,7 +442,7 @@ def train(cfg: TrainConfig, *, callbacks: list | None = None) -> Path:
     trainer = SFTTrainer(
         model=model, args=_sft_config(cfg, trainer_dir, on_gpu, model), train_dataset=Dataset.from_list(examples),
         processing_class=tok,
-        callbacks=[phase_cb := _phase_callback()(run_dir, cfg.save_every, lora), *(callbacks or [])],
+        callbacks=[phase_cb := _phase_callback()(run_dir, cfg.save_every, lora, cfg.stop_at), *(callbacks or [])],
     )
     if lora:
         cast = keep_adapters_fp32(trainer.model)
@@ -461,7 +474,7 @@ def train(cfg: TrainConfig, *, callbacks: list | None = None) -> Path:
         "effective_batch": trainer.args.train_batch_size * cfg.grad_accum * trainer.args.world_size,
         "optimizer": type(getattr(trainer.optimizer, "optimizer", trainer.optimizer)).__name__,
         "trainable_dtypes": sorted({str(p.dtype) for p in trainer.model.parameters() if p.requires_grad}),
-        "steps": state.global_step, "resumed_from": resume and Path(resume).name,
+        "steps": state.global_step, "stop_at": cfg.stop_at, "resumed_from": resume and Path(resume).name,
         "wall_time_s": round(wall, 1), "tokens": tokens, "tokens_per_s": round(tokens / wall, 1) if wall else None,
         "train_loss": float(sum(losses) / len(losses)) if losses else result.training_loss,
         "first_loss": losses[0] if losses else None, "last_stretch_wall_s": round(stretch, 1),
