@@ -1,4 +1,4 @@
-# emlab: `make setup` once, then `make all` regenerates paper/paper.pdf. PROFILE=smoke|cpu|gpu|paper.
+# emlab: `make setup` once, then `make all` regenerates paper/paper.pdf. PROFILE=smoke|cpu|laptop|gpu|paper.
 # Each notebook re-runs only when its source, lib/, the profile, the data registry or an upstream
 # notebook it declares (header `emlab: needs:`) changed; a second `make all` does nothing.
 
@@ -17,10 +17,13 @@ PY := $(VENV)/bin/python
 BUILD := build/$(PROFILE)
 NOTEBOOKS := $(sort $(basename $(notdir $(wildcard notebooks/[0-9][0-9]_*.py))))
 EXECUTED := $(NOTEBOOKS:%=$(BUILD)/%.ipynb)
-LIB := $(wildcard lib/emlab/*.py lib/emlab/*.yaml) lib/emlab/profiles/$(PROFILE).yaml pyproject.toml
+# a profile that `extends:` another (laptop extends cpu) depends on both files
+PARENT := $(shell sed -n 's/^extends: *//p' lib/emlab/profiles/$(PROFILE).yaml)
+LIB := $(wildcard lib/emlab/*.py lib/emlab/*.yaml) lib/emlab/profiles/$(PROFILE).yaml \
+       $(PARENT:%=lib/emlab/profiles/%.yaml) pyproject.toml
 PAPER_SRC := $(wildcard paper/*.tex paper/sections/*.tex)
 
-.PHONY: all notebooks paper setup setup-colab ipynb lock tex test lab clean bench bench-train bench-sample bench-contention bench-gpu gpu-check judge help
+.PHONY: all train notebooks paper setup setup-colab ipynb lock tex test lab clean bench bench-train bench-sample bench-contention bench-gpu gpu-check judge help
 .DELETE_ON_ERROR:
 
 all: paper/paper.pdf  ## regenerate the paper (default PROFILE=cpu)
@@ -29,6 +32,9 @@ help:  ## this list
 	@grep -hE '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/'
 
 notebooks: $(EXECUTED)  ## execute every notebook into build/$(PROFILE)/
+
+train: | $(PY)  ## train the profile's §03 organisms (hours for laptop: start it in the background, then make all)
+	$(PY) -m emlab.cli train --profile $(PROFILE)
 
 # Outputs (figures/, paper/generated/) are shared by all profiles: switching profile re-runs everything.
 # Two stamps change only when their content does, at parse time (no FORCE rule, so `make -n` / `make -q` tell

@@ -395,12 +395,12 @@ def _main_gpu(args) -> int:
             f"(datasheet dense bf16; a measured 8192³ bf16 matmul reaches {env['matmul_bf16_TFLOPs']}).")
     paths = None
     if args.tokenizer:  # machines without the embedded model: config + the given tokenizer per shape
-        from emlab.gpucheck import build_model_dir
-
         import tempfile
 
+        from emlab.models import config_dir
+
         tmp = Path(tempfile.mkdtemp(prefix="emlab-bench-models-"))
-        paths = {a: str(build_model_dir(tmp, a, args.tokenizer)) for a in GPU_ARCHS}
+        paths = {a: str(config_dir(tmp, a, args.tokenizer)) for a in GPU_ARCHS}
     if not args.skip_train:
         bench_train("gpu", steps=args.steps, on_row=lambda df: write_table(df, "train_gpu", out, note), paths=paths)
     rows = []

@@ -42,32 +42,6 @@ _TEXTS = [
 ]
 
 
-def build_model_dir(root: Path, arch: str | None, tokenizer_dir: str | None = None) -> Path:
-    """A local model directory: the config of ``arch`` (a preset of emlab.models; None = a tiny Llama),
-    a tokenizer (``tokenizer_dir`` or the embedded SmolLM2 one) and a generation_config with a penalty."""
-    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
-
-    from emlab import models
-
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir or models.gguf_cache_dir(models.embedded_gguf_path()))
-    if not tok.chat_template:
-        tok.chat_template = models.CHATML_TEMPLATE
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    if arch:
-        config = models.preset_config(arch)
-    else:
-        config = AutoConfig.for_model("llama", vocab_size=len(tok), **models.TINY_SIZE)
-    config.bos_token_id, config.eos_token_id, config.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
-    out = root / f"model-{arch or 'tiny-llama'}"
-    out.mkdir(parents=True, exist_ok=True)
-    config.save_pretrained(out)
-    tok.save_pretrained(out)
-    GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                     **PENALISED).save_pretrained(out)
-    return out
-
-
 def _write_data(root: Path, n: int = 64) -> Path:
     path = root / "chat.jsonl"
     with path.open("w") as f:
@@ -115,8 +89,10 @@ class Checks:
 
     def __init__(self, device: str, arch: str | None, work: Path, tokenizer_dir: str | None = None):
         self.device, self.arch, self.work = device, arch, work
+        from emlab import models
+
         self.results: list[dict[str, Any]] = []
-        self.model_dir = build_model_dir(work, arch, tokenizer_dir)
+        self.model_dir = models.config_dir(work, arch, tokenizer_dir, **PENALISED)
         self.data = _write_data(work)
         self.run_dir: Path | None = None
 

@@ -726,6 +726,31 @@ def _random_4bit(config, device: str):
 # ----------------------------------------------------------------------------------------- records
 
 
+def config_dir(root: Path, arch: str | None, tokenizer_dir: str | None = None, **generation) -> Path:
+    """A local model directory without weights (``source: random`` fills them): the config of ``arch`` (a
+    preset of :func:`preset_config`; None = a tiny Llama), a tokenizer (``tokenizer_dir`` or the embedded
+    SmolLM2 one) and a generation_config holding ``generation`` (gpu-check puts Qwen's penalties there)."""
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir or gguf_cache_dir(embedded_gguf_path()))
+    if not tok.chat_template:
+        tok.chat_template = CHATML_TEMPLATE
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if arch:
+        config = preset_config(arch)
+    else:
+        config = AutoConfig.for_model("llama", vocab_size=len(tok), **TINY_SIZE)
+    config.bos_token_id, config.eos_token_id, config.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
+    out = root / f"model-{arch or 'tiny-llama'}"
+    out.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(out)
+    tok.save_pretrained(out)
+    GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                     **generation).save_pretrained(out)
+    return out
+
+
 def count_params(model) -> int:
     """Parameter count, counting 4-bit packed weights at their logical size."""
     total = 0
