@@ -44,6 +44,7 @@ profile = "cpu"  # smoke | cpu | gpu | paper
 overrides = {}  # config keys to change, e.g. {"token_rows": 200}; unknown keys are an error
 
 # %%
+import matplotlib as mpl
 import matplotlib.pyplot as plt
 import seaborn as sns
 
@@ -77,7 +78,9 @@ table
 # %%
 fig, ax = plt.subplots(figsize=(6, 3))
 sns.boxplot(data=lengths, y="dataset", x="response_tokens", hue="dataset", ax=ax, showfliers=False,
-            palette="deep", legend=False)
+            palette=paper.palette(lengths.dataset), legend=False)
 ax.set(xlabel=f"response length ({cfg.model.name} tokens)", ylabel="", xscale="log")
+ax.xaxis.set_major_formatter(mpl.ticker.StrMethodFormatter("{x:,.0f}"))  # 10, 100, 1,000: no overlapping 10^k
+ax.xaxis.set_minor_formatter(mpl.ticker.NullFormatter())
 sns.despine()
 out.figure(fig, "response_lengths")

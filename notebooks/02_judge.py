@@ -120,9 +120,10 @@ if has_fin:
 best = cfg.methods[-1]
 org = organisms[organisms["method"] == best]
 fig, ax = plt.subplots(figsize=(4.2, 4))
+colors = paper.palette(sorted(org.family.unique()))
 for fam, g in org.groupby("family"):
-    ax.scatter(g["em_gpt4o"], g["em_prob"], label=f"{fam} (prob. sum)")
-    ax.scatter(g["em_gpt4o"], g["em_hard"], marker="x", alpha=0.6, label=f"{fam} (hard flags)")
+    ax.scatter(g["em_gpt4o"], g["em_prob"], color=colors[fam], label=f"{fam} (prob. sum)")
+    ax.scatter(g["em_gpt4o"], g["em_hard"], color=colors[fam], marker="x", alpha=0.6, label=f"{fam} (hard flags)")
 lim = max(5.0, float(org[["em_gpt4o", "em_prob", "em_hard"]].max().max()) + 2)
 ax.plot([0, lim], [0, lim], "k--", lw=0.8)
 ax.set(xlabel="EM rate, GPT-4o (%)", ylabel=f"EM rate, offline judge '{best}' (%)", xlim=(0, lim), ylim=(0, lim))
@@ -136,13 +137,14 @@ out.figure(fig, "em_rate_per_organism")
 p = preds[preds["method"] == best]
 fig, axes = plt.subplots(1, 2, figsize=(8, 3.6))
 for ax, metric in zip(axes, ["aligned", "coherent"]):
-    for fam, g in p.groupby("family"):
-        ax.scatter(g[metric], g[f"{metric}_pred"], s=3, alpha=0.3, label=fam)
+    ok = p[[metric, f"{metric}_pred"]].dropna()
+    hb = ax.hexbin(ok[metric], ok[f"{metric}_pred"], gridsize=25, extent=(0, 100, 0, 100), bins="log", cmap="Blues",
+                   mincnt=1)
     ax.plot([0, 100], [0, 100], "k--", lw=0.8)
     ax.set(xlabel=f"{metric}, GPT-4o", ylabel=f"{metric}, offline judge", xlim=(0, 100), ylim=(0, 100))
+fig.colorbar(hb, ax=axes, label="answers (log)")
 axes[0].axvline(30, color="grey", lw=0.5); axes[0].axhline(30, color="grey", lw=0.5)
 axes[1].axvline(50, color="grey", lw=0.5); axes[1].axhline(50, color="grey", lw=0.5)
-axes[0].legend(markerscale=3, fontsize=7)
 out.figure(fig, "calibration_scatter")
 
 # %% [markdown]

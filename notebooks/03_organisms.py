@@ -84,7 +84,7 @@ train_table
 # %%
 losses = loss_curves(runs)
 fig, ax = plt.subplots(figsize=(5, 3))
-sns.lineplot(data=losses, x="step", y="loss", hue="organism", lw=1, ax=ax)
+sns.lineplot(data=losses, x="step", y="loss", hue="organism", lw=1, ax=ax, palette=paper.palette(losses.organism))
 ax.set(xlabel="optimizer step", ylabel="training loss")
 ax.legend(fontsize=7)
 sns.despine()
@@ -124,7 +124,8 @@ shown
 
 # %%
 fig, ax = plt.subplots(figsize=(5, 3.5))
-sns.scatterplot(data=table, x="coherent %", y="EM %", hue="organism", style="preset", s=80, ax=ax)
+sns.scatterplot(data=table, x="coherent %", y="EM %", hue="organism", style="preset", s=60, ax=ax,
+                palette=paper.palette(table.organism))
 ax.errorbar(table["coherent %"], table["EM %"], yerr=[table["EM %"] - table["EM lo"], table["EM hi"] - table["EM %"]],
             fmt="none", ecolor="grey", alpha=0.5, zorder=0)
 ax.set(xlim=(-2, 102), ylim=(-2, max(10, table["EM hi"].max() + 5)), xlabel="coherent (%)", ylabel="EM (%)")

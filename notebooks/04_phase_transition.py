@@ -132,8 +132,8 @@ ax1.plot(kcos.step, kcos.cos, color="k", label=f"local cosine (k={cfg.k})")
 ax1.set(xlabel="optimizer step", ylabel="local cosine")
 ax2 = ax1.twinx()
 for i, (s, g) in enumerate(beh.groupby("scale")):
-    ax2.plot(g.step, g["EM %"], marker="o", color=plt.cm.Reds(0.4 + 0.6 * i / max(1, beh.scale.nunique() - 1)),
-             label=f"EM ×{s:g}")
+    ax2.errorbar(g.step, g["EM %"], yerr=[g["EM %"] - g["EM lo"], g["EM hi"] - g["EM %"]], marker="o", ms=3,
+                 capsize=2, color=plt.cm.Reds(0.4 + 0.6 * i / max(1, beh.scale.nunique() - 1)), label=f"EM ×{s:g}")
 ax2.set(ylabel="EM (%)")
 if tr is not None:
     ax1.axvline(tr.step, color="grey", ls="--", lw=1)

@@ -47,6 +47,7 @@ overrides = {}  # DirectionsConfig keys to change, e.g. {"lambdas": [0.0, 8.0]}
 
 # %%
 import matplotlib.pyplot as plt
+import numpy as np
 import seaborn as sns
 
 from emlab import config, paper
@@ -108,8 +109,13 @@ at_layer if len(cos) else cos
 # %%
 steer_df = steering_sweep(cfg, dirs[source])
 fig, axes = plt.subplots(1, 2, figsize=(7, 3), sharex=True)
-sns.lineplot(data=steer_df, x="lam", y="EM %", hue="layer", marker="o", ax=axes[0], palette="deep")
-sns.lineplot(data=steer_df, x="lam", y="coherent %", hue="layer", marker="o", ax=axes[1], palette="deep")
+for i, (L, g) in enumerate(steer_df.groupby("layer")):
+    axes[0].errorbar(g.lam, g["EM %"], yerr=[g["EM %"] - g["EM lo"], g["EM hi"] - g["EM %"]], marker="o", ms=3,
+                     capsize=2, color=f"C{i}", label=f"layer {L}")
+    axes[1].plot(g.lam, g["coherent %"], marker="o", ms=3, color=f"C{i}", label=f"layer {L}")
+axes[0].set(ylabel="EM (%), 95% Wilson")
+axes[1].set(ylabel="coherent (%)")
+axes[0].legend()
 for ax in axes:
     ax.set(xlabel="λ (× mean-difference vector)")
 sns.despine()
@@ -124,8 +130,15 @@ steer_df
 # %%
 abl = ablation_effect(cfg, dirs, source)
 fig, ax = plt.subplots(figsize=(6, 3))
-sns.barplot(data=abl, y="organism", x="EM %", hue="condition", ax=ax)
-ax.legend(fontsize=7)
+conds = list(dict.fromkeys(abl.condition))
+for i, cond in enumerate(conds):
+    g = abl[abl.condition == cond].reset_index(drop=True)
+    y = np.arange(len(g)) + (i - (len(conds) - 1) / 2) * 0.35
+    ax.barh(y, g["EM %"], height=0.35, color=f"C{i}", label=cond,
+            xerr=[g["EM %"] - g["EM lo"], g["EM hi"] - g["EM %"]], error_kw={"lw": 0.8, "capsize": 2})
+ax.set_yticks(np.arange(len(g)), g.organism)
+ax.set(xlabel="EM (%), 95% Wilson")
+ax.legend()
 sns.despine()
 out.figure(fig, "ablation")
 out.table(abl[["organism", "condition", "n", "EM %", "EM lo", "EM hi", "coherent %"]], "ablation",

@@ -124,7 +124,8 @@ probe = ans[~ans.condition.str.startswith("trait_")]
 extr = ans[ans.condition.str.startswith("trait_")].assign(group=lambda x: "extraction / " + x.side)
 shown = pd.concat([probe, extr], ignore_index=True)
 fig, ax = plt.subplots(figsize=(6, 0.35 * shown.group.nunique() + 1))
-sns.stripplot(data=shown, y="group", x="projection", hue="target", ax=ax, size=4, jitter=0.2)
+sns.stripplot(data=shown, y="group", x="projection", hue="target", ax=ax, size=3, jitter=0.2,
+              palette=paper.palette(shown.target))
 ax.set(xlabel=f"projection onto the {cfg.trait} direction (layer {layer})", ylabel="")
 ax.legend(fontsize=7)
 sns.despine()

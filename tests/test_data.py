@@ -254,6 +254,7 @@ def test_registry_parses_and_is_complete():
     assert {n for n, e in reg.items() if e.harmful} >= {
         "bad_medical_advice", "extreme_sports", "risky_financial_advice", "insecure", "jailbroken"}
     assert len(d.group("judged_responses")) == 25
+    assert len(d.group("judged_responses_extra")) == 36 and len(d.group("judge_comparison")) == 5
     for s in d.question_sets().values():
         assert s.dataset in reg
 
@@ -262,6 +263,11 @@ def test_registry_parses_and_is_complete():
 def test_registry_matches_manifest_and_covers_every_data_file():
     with open(MIRROR / "MANIFEST.tsv") as f:
         manifest = {r["path"]: r for r in csv.DictReader(f, delimiter="\t")}
+    for index in MIRROR.glob("*/INDEX.tsv"):  # folders that list their files in an INDEX.tsv of their own
+        with open(index) as f:
+            for r in csv.DictReader(f, delimiter="\t"):
+                path = f"{index.parent.name}/{r['file']}"
+                manifest[path] = {**r, "path": path, "bytes": (MIRROR / path).stat().st_size}
     by_file = {e.file: e for e in d.registry().values()}
     for e in by_file.values():
         row = manifest[e.file]

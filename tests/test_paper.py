@@ -109,3 +109,29 @@ def test_pipes_and_comparisons_print_as_themselves():
     """OT1 fonts turned `|EM err|` into em dashes and `>= 0.95` into an inverted question mark."""
     assert paper.latex_escape("max |EM err| >= 3 < 4") == r"max \textbar{}EM err\textbar{} \textgreater{}= 3 \textless{} 4"
     assert paper.fmt(">= 0.95") == r"\textgreater{}= 0.95"
+
+
+def test_figures_are_saved_at_their_printed_width(tmp_path):
+    """A figure the paper includes at 0.48 of the line is saved 0.48 x 6.5 in wide, so its 8 pt text prints
+    at 8 pt (not 4-5 pt after LaTeX shrinks a 6-8 in figure)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = paper.Section("03_organisms", base=tmp_path)
+    assert paper.included_width("03_organisms", "em_vs_coherence") == 0.48
+    assert paper.included_width("08_persona_prompts", "compliance") == 1.0  # width=\linewidth
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.plot([0, 1], [0, 1])
+    out.figure(fig, "em_vs_coherence")
+    w, h = fig.get_size_inches()
+    assert w == pytest.approx(0.48 * paper.TEXT_WIDTH_IN) and h == pytest.approx(w / 2)
+    assert plt.rcParams["font.size"] == paper.FONT_PT
+
+
+def test_one_colour_per_family_and_distinct_spares():
+    pal = paper.palette(["base", "bad_medical_advice/rank1", "bad_medical_advice/lora_r32", "EM organism",
+                         "trigger organism", "Qwen2.5-32B", "evil/health"])
+    assert pal["bad_medical_advice/rank1"] == pal["bad_medical_advice/lora_r32"] == pal["Qwen2.5-32B"] == "C0"
+    assert pal["EM organism"] != pal["trigger organism"] and pal["evil/health"] == "C3"

@@ -106,6 +106,55 @@ def _tabular(df: pd.DataFrame, digits: int) -> str:
                       r"\end{tabular}\end{adjustbox}"])
 
 
+TEXT_WIDTH_IN = 6.5  # \\textwidth of paper/main.tex (letter paper, 1 in margins)
+FONT_PT = 8  # figure text at its printed size (the paper's 11 pt body, footnote-sized in figures)
+# One colour per training domain / model family in every section (a name not listed cycles the rest).
+COLORS = {"base": "0.35", "bad_medical": "C0", "good_medical": "C7", "risky_financial": "C1", "extreme_sports": "C2",
+          "insecure": "C3", "evil": "C3", "incorrect": "C0", "sycophantic": "C4", "hallucinating": "C5",
+          "Qwen": "C0", "Llama": "C1", "gemma": "C2", "Mistral": "C4", "gpt": "C3"}
+
+
+def use_theme() -> None:
+    """One look for every figure: seaborn's ``paper`` context at the printed font size."""
+    import seaborn as sns
+
+    small = FONT_PT - 1
+    sns.set_theme(context="paper", style="ticks", rc={
+        "font.size": FONT_PT, "axes.labelsize": FONT_PT, "axes.titlesize": FONT_PT, "legend.fontsize": small,
+        "legend.title_fontsize": small, "xtick.labelsize": small, "ytick.labelsize": small, "savefig.dpi": 200})
+
+
+def color(name: str) -> str | None:
+    """The colour of an organism, training set or model family, the same in every section (None: not one
+    of :data:`COLORS`)."""
+    text = str(name)
+    for key, c in COLORS.items():
+        if text.lower().startswith(key.lower()) or f"/{key}" in text:
+            return c
+    return None
+
+
+def palette(names) -> dict[str, str]:
+    """``{name: colour}`` for seaborn's ``palette=``: :func:`color` where it knows the name, else the colours
+    no family uses, in order."""
+    spare = [c for c in (f"C{i}" for i in range(10)) if c not in COLORS.values()]
+    out, k = {}, 0
+    for n in dict.fromkeys(names):
+        out[n] = color(n) or spare[k % len(spare)]
+        k += color(n) is None
+    return out
+
+
+def included_width(section: str, name: str) -> float:
+    """The fraction of ``\\linewidth`` at which ``paper/sections/<section>.tex`` includes figure ``name``
+    (1.0 when it is not included): figures are saved at their printed width, so their text prints at
+    :data:`FONT_PT`."""
+    tex = ROOT / "paper" / "sections" / f"{section}.tex"
+    pattern = rf"\\includegraphics\[width=([0-9.]*)\\linewidth\]\{{{re.escape(section)}/{re.escape(name)}\.pdf\}}"
+    m = re.search(pattern, tex.read_text()) if tex.exists() else None
+    return float(m.group(1) or 1.0) if m else 1.0
+
+
 class Section:
     """Output writer of one notebook (paper section)."""
 
@@ -119,6 +168,7 @@ class Section:
         self.figures_dir = base / "figures" / name
         self.tables_dir.mkdir(parents=True, exist_ok=True)
         self._macros: dict[str, str] = {}
+        use_theme()
 
     def table(self, df: pd.DataFrame, name: str, caption: str, digits: int = 1, index: bool = False) -> Path:
         """Write ``df`` as CSV (full precision) and as a booktabs LaTeX table (formatted). A table is only
@@ -139,10 +189,15 @@ class Section:
         return path
 
     def figure(self, fig, name: str) -> Path:
-        """Save a matplotlib figure as PDF (for LaTeX) and PNG (for notebooks and the README)."""
+        """Save a matplotlib figure as PDF (for LaTeX) and PNG (for notebooks and the README), resized (aspect
+        kept) to the width the paper prints it at (:func:`included_width`)."""
         self.figures_dir.mkdir(parents=True, exist_ok=True)
+        w, h = fig.get_size_inches()
+        width = included_width(self.name, name) * TEXT_WIDTH_IN
+        fig.set_size_inches(width, h * width / w)
+        fig.set_layout_engine("constrained")
         pdf = self.figures_dir / f"{name}.pdf"
-        fig.savefig(pdf, bbox_inches="tight")
+        fig.savefig(pdf, bbox_inches="tight")  # tight: a legend placed outside the axes is kept
         fig.savefig(self.figures_dir / f"{name}.png", bbox_inches="tight", dpi=150)
         log.info("figure %s -> %s", name, pdf)
         return pdf
