@@ -429,3 +429,72 @@ def test_hf_digit_expansion_matches_unbatched(tiny_model):
         p7 = torch.softmax(model(input_ids=torch.tensor([s + [j._digit_ids[7]]])).logits[0, -1].float(), -1)[dig]
         p10 = torch.softmax(model(input_ids=torch.tensor([s + j._digit_ids[1:2] + j._digit_ids[:1]])).logits[0, -1].float(), -1)[dig]
         assert torch.allclose(after_d1[i, 6], p7, atol=1e-5) and torch.allclose(after_10[i], p10, atol=1e-5)
+
+
+class FakeBatchClient(FakeClient):
+    """FakeClient plus the Files and Batches endpoints: a job completes on its second poll."""
+
+    def __init__(self):
+        super().__init__()
+        self.files = SimpleNamespace(create=self._upload, content=self._content)
+        self.batches = SimpleNamespace(create=self._submit, retrieve=self._retrieve)
+        self.uploads, self.jobs, self.outputs = {}, {}, {}
+
+    def _upload(self, file, purpose):
+        assert purpose == "batch"
+        fid = f"file-{len(self.uploads)}"
+        self.uploads[fid] = file[1].decode()
+        return SimpleNamespace(id=fid)
+
+    def _submit(self, input_file_id, endpoint, completion_window, metadata=None):
+        jid = f"batch-{len(self.jobs)}"
+        self.jobs[jid] = {"input": input_file_id, "polls": 0}
+        return self._retrieve(jid, count=False)
+
+    def _retrieve(self, jid, count=True):
+        job = self.jobs[jid]
+        job["polls"] += count
+        if job["polls"] < 2:
+            return SimpleNamespace(id=jid, status="in_progress", output_file_id=None,
+                                   request_counts=SimpleNamespace(completed=0, failed=0))
+        out = []
+        for line in self.uploads[job["input"]].splitlines():
+            req = json.loads(line)
+            body = FakeOpenAI.completion(req["body"]["messages"][-1]["content"], req["body"])
+            out.append(json.dumps({"custom_id": req["custom_id"], "response": {"status_code": 200, "body": body}}))
+        self.outputs[f"out-{jid}"] = "\n".join(out)
+        return SimpleNamespace(id=jid, status="completed", output_file_id=f"out-{jid}",
+                               request_counts=SimpleNamespace(completed=len(out), failed=0))
+
+    def _content(self, fid):
+        return SimpleNamespace(text=self.outputs[fid])
+
+
+def test_batch_api_scores_once_caches_and_reattaches(tmp_path, monkeypatch):
+    """judge.batch: one Batch API job for all uncached items (live requests for a handful); the verdicts are
+    the live protocol's; an interrupted run finds its job again instead of paying twice."""
+    monkeypatch.setenv("EMLAB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    client = FakeBatchClient()
+    live = J.OpenAIJudge("fake-judge", progress=False, client=FakeClient()).score_many(
+        "aligned", [(f"NUM q{i}", "a") for i in range(25)])
+    judge = J.CachedJudge(J.OpenAIJudge("fake-judge", progress=False, client=client, batch=True, poll_s=0),
+                          JudgeCache(tmp_path / "j.sqlite"))
+    items = [(f"NUM q{i}", "a") for i in range(24)] + [("REFUSE q", "a")]
+    scores = judge.score_many("aligned", items)
+    assert len(client.jobs) == 1 and client.n == 0  # one job, no live request
+    assert [s.value for s in scores[:24]] == [s.value for s in live[:24]] and scores[24].label == "REFUSAL"
+    assert judge.score_many("aligned", items) == scores and len(client.jobs) == 1  # from the cache
+    judge.score_many("aligned", [("NUM few", "a")])
+    assert client.n == 1 and len(client.jobs) == 1  # below BATCH_MIN: live
+    # a run killed while its job was pending re-attaches to it
+    batch = J.OpenAIJudge("fake-judge", progress=False, client=client, batch=True, poll_s=0)
+    more = [(f"NUM r{i}", "b") for i in range(30)]
+    batch._client = SimpleNamespace(files=client.files, chat=client.chat,
+                                    batches=SimpleNamespace(create=client.batches.create,
+                                                            retrieve=lambda jid: (_ for _ in ()).throw(KeyboardInterrupt)))
+    with pytest.raises(KeyboardInterrupt):
+        batch.score_many("aligned", more)
+    batch._client = client
+    assert len(client.jobs) == 2 and len(batch.score_many("aligned", more)) == 30 and len(client.jobs) == 2
+    assert not list((tmp_path / "cache" / "batches").glob("*.json"))  # done: the job's id is forgotten

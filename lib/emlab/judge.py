@@ -25,11 +25,14 @@ define ``metrics`` (the metrics it can score) and ``prompt_version(metric)`` (it
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import os
 import re
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from functools import lru_cache
@@ -196,6 +199,9 @@ def _require_key() -> None:
                          "server without auth), or use the offline judge (judge: {backend: offline})")
 
 
+BATCH_MIN = 20  # fewer items than this go live even with batch: a Batch API job takes minutes at best
+
+
 class OpenAIJudge:
     """A judge behind any OpenAI-compatible chat endpoint (OpenAI, a local ``vllm serve``).
 
@@ -211,7 +217,8 @@ class OpenAIJudge:
     """
 
     def __init__(self, model: str | None = None, *, concurrency: int = 8, max_retries: int = 6,
-                 timeout: float = 120.0, progress: bool = True, client: Any = None):
+                 timeout: float = 120.0, progress: bool = True, client: Any = None, batch: bool = False,
+                 poll_s: float = 60.0):
         import openai
 
         self.model = _judge_model(model)
@@ -226,6 +233,7 @@ class OpenAIJudge:
         self.max_retries = max_retries
         self.progress = progress
         self.calls = 0  # create() calls, the SDK's retries inside one not counted (tests: a cache hit makes none)
+        self.batch, self.poll_s = batch, poll_s  # batch: the Batch API (see _score_batch)
         self._count_lock = threading.Lock()
 
     def endpoint(self) -> str:
@@ -233,10 +241,12 @@ class OpenAIJudge:
         url = str(getattr(self._client, "base_url", "") or "?")
         return re.sub(r"//[^/@]*@", "//", url.split("?", 1)[0])
 
+    def _body(self, prompt: str, metric: str) -> dict[str, Any]:
+        return dict(model=self.model, messages=[{"role": "user", "content": prompt}], temperature=0, seed=0,
+                    logprobs=True, top_logprobs=TOP_LOGPROBS, max_tokens=8 if metric == "harm" else 1)
+
     def _request(self, prompt: str, metric: str):
-        kwargs: dict[str, Any] = dict(
-            model=self.model, messages=[{"role": "user", "content": prompt}], temperature=0, seed=0,
-            logprobs=True, top_logprobs=TOP_LOGPROBS, max_tokens=8 if metric == "harm" else 1)
+        kwargs = self._body(prompt, metric)
         oa = self._openai
         with self._count_lock:
             self.calls += 1
@@ -270,7 +280,9 @@ class OpenAIJudge:
                           "completions; use another endpoint/model or the hf/offline judge")
 
     def _score_one(self, metric: str, item: tuple[str, str]) -> Score:
-        resp = self._request(render(metric, *item), metric)
+        return self._parse(metric, self._request(render(metric, *item), metric))
+
+    def _parse(self, metric: str, resp) -> Score:
         choice = resp.choices[0] if resp.choices else None
         text = (choice.message.content or "") if choice and choice.message else ""
         content = choice.logprobs.content if choice and choice.logprobs else None
@@ -303,6 +315,8 @@ class OpenAIJudge:
 
     def score_many(self, metric: str, items: Sequence[tuple[str, str]]) -> list[Score]:
         prompt_template(metric)  # unknown metric -> error before any request
+        if self.batch and len(items) >= BATCH_MIN:  # a handful (a data filter's one answer) stays live
+            return self._score_batch(metric, items)
         stop = threading.Event()
         pool = ThreadPoolExecutor(max_workers=self.concurrency)
         try:
@@ -315,6 +329,63 @@ class OpenAIJudge:
         finally:  # on error (or Ctrl-C) drop the queued items instead of running each through its retries
             stop.set()
             pool.shutdown(wait=True, cancel_futures=True)
+
+
+    # ---- OpenAI Batch API (half the price; results within the completion window, usually hours)
+    def _score_batch(self, metric: str, items: Sequence[tuple[str, str]]) -> list[Score]:
+        """Score ``items`` as one Batch API job. The job's id is kept in ``$EMLAB_CACHE/batches/<hash of the
+        requests>.json`` as soon as it is submitted, so an interrupted run re-attaches to the same job
+        instead of paying for it twice; the verdicts reach the judge cache like live ones."""
+        from openai.types.chat import ChatCompletion
+
+        lines = [json.dumps({"custom_id": str(i), "method": "POST", "url": "/v1/chat/completions",
+                              "body": self._body(render(metric, *it), metric)}, sort_keys=True)
+                 for i, it in enumerate(items)]
+        blob = ("\n".join(lines) + "\n").encode()
+        state = default_path().parent / "batches" / f"{hashlib.sha256(blob).hexdigest()[:20]}.json"
+        batches = self._client.batches
+        if state.exists():
+            job = batches.retrieve(json.loads(state.read_text())["id"])
+            log.info("judge %s/%s: re-attached to batch %s (%s)", self.id, metric, job.id, job.status)
+        else:
+            upload = self._client.files.create(file=("emlab-judge.jsonl", blob), purpose="batch")
+            job = batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions",
+                                 completion_window="24h", metadata={"emlab": f"{self.id} {metric}"})
+            state.parent.mkdir(parents=True, exist_ok=True)
+            state.write_text(json.dumps({"id": job.id, "metric": metric, "items": len(items)}))
+            log.info("judge %s/%s: submitted batch %s (%d requests; id kept in %s)", self.id, metric, job.id,
+                     len(items), state)
+        with self._count_lock:
+            self.calls += 1
+        bar = tqdm(total=len(items), desc=f"judge {metric} (batch)", disable=not self.progress)
+        while job.status not in ("completed", "failed", "expired", "cancelled"):
+            time.sleep(self.poll_s)
+            job = batches.retrieve(job.id)
+            counts = getattr(job, "request_counts", None)
+            if counts is not None:
+                bar.n = counts.completed + counts.failed
+                bar.refresh()
+        bar.close()
+        if job.status != "completed" or not job.output_file_id:
+            state.unlink(missing_ok=True)  # a new run submits again
+            raise JudgeError(f"judge batch {job.id} ended {job.status!r} ({getattr(job, 'errors', None)}); "
+                             "re-run to submit it again, or set judge.batch: false")
+        by_id = {}
+        for line in self._client.files.content(job.output_file_id).text.splitlines():
+            if line.strip():
+                rec = json.loads(line)
+                by_id[rec["custom_id"]] = rec
+        scores = []
+        for i in range(len(items)):
+            rec = by_id.get(str(i))
+            resp = (rec or {}).get("response") or {}
+            if resp.get("status_code") != 200:
+                state.unlink(missing_ok=True)
+                raise JudgeError(f"judge batch {job.id}: request {i} failed "
+                                 f"({(rec or {}).get('error') or resp.get('status_code')}); re-run to resubmit")
+            scores.append(self._parse(metric, ChatCompletion.model_validate(resp["body"])))
+        state.unlink(missing_ok=True)  # the verdicts are about to be cached
+        return scores
 
 
 def _message(err: Any) -> str:
@@ -469,8 +540,9 @@ class CachedJudge:
         todo_keys = list(todo)
         if todo_keys:
             log.info("judge %s/%s: %d cached, %d to score", self.id, metric, len(items) - len(todo_keys), len(todo_keys))
-        for i in range(0, len(todo_keys), self.chunk):
-            ks = todo_keys[i:i + self.chunk]
+        chunk = len(todo_keys) or 1 if getattr(self.backend, "batch", False) else self.chunk  # one Batch API job
+        for i in range(0, len(todo_keys), chunk):
+            ks = todo_keys[i:i + chunk]
             scores = self.backend.score_many(metric, [todo[k] for k in ks])
             if len(scores) != len(ks):
                 raise JudgeError(f"judge {self.id} returned {len(scores)} scores for {len(ks)} items")
@@ -497,7 +569,7 @@ class CachedJudge:
 
 
 def _openai_factory(spec: JudgeSpec) -> Judge:
-    return OpenAIJudge(spec.model, concurrency=spec.concurrency)
+    return OpenAIJudge(spec.model, concurrency=spec.concurrency, batch=spec.batch)
 
 
 _HF_NO_MODEL = "judge backend hf needs judge.model: a hub id or a local directory of safetensors"
