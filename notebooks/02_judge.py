@@ -127,7 +127,7 @@ for fam, g in org.groupby("family"):
 lim = max(5.0, float(org[["em_gpt4o", "em_prob", "em_hard"]].max().max()) + 2)
 ax.plot([0, lim], [0, lim], "k--", lw=0.8)
 ax.set(xlabel="EM rate, GPT-4o (%)", ylabel=f"EM rate, offline judge '{best}' (%)", xlim=(0, lim), ylim=(0, lim))
-ax.legend(fontsize=6)
+ax.legend()
 out.figure(fig, "em_rate_per_organism")
 
 # %% [markdown]
@@ -163,7 +163,7 @@ for ax in axes:
     ax.set_xticks(np.arange(len(fams)) + width * (len(cfg.methods) - 1) / 2, fams)
 axes[0].axhline(0.95, color="k", ls="--", lw=0.8); axes[0].set(ylabel="AUROC (misaligned flag)", ylim=(0.4, 1))
 axes[1].axhline(3, color="k", ls="--", lw=0.8); axes[1].set(ylabel="max |EM-rate error| (points)")
-axes[0].legend(fontsize=7)
+axes[0].legend()
 out.figure(fig, "per_family")
 
 # %% [markdown]

@@ -86,7 +86,7 @@ losses = loss_curves(runs)
 fig, ax = plt.subplots(figsize=(5, 3))
 sns.lineplot(data=losses, x="step", y="loss", hue="organism", lw=1, ax=ax, palette=paper.palette(losses.organism))
 ax.set(xlabel="optimizer step", ylabel="training loss")
-ax.legend(fontsize=7)
+ax.legend()
 sns.despine()
 out.figure(fig, "loss")
 
@@ -129,7 +129,7 @@ sns.scatterplot(data=table, x="coherent %", y="EM %", hue="organism", style="pre
 ax.errorbar(table["coherent %"], table["EM %"], yerr=[table["EM %"] - table["EM lo"], table["EM hi"] - table["EM %"]],
             fmt="none", ecolor="grey", alpha=0.5, zorder=0)
 ax.set(xlim=(-2, 102), ylim=(-2, max(10, table["EM hi"].max() + 5)), xlabel="coherent (%)", ylabel="EM (%)")
-ax.legend(fontsize=7, bbox_to_anchor=(1.02, 1), loc="upper left")
+ax.legend(bbox_to_anchor=(1.02, 1), loc="upper left")
 sns.despine()
 out.figure(fig, "em_vs_coherence")
 
@@ -174,7 +174,7 @@ if cfg.judge.backend == "offline" and cfg.judge_check:
                          label="judge's training answers" if src == "training" else "these answers", ax=ax)
         ax.set(xlabel=label)
     axes[0].axvline(val["threshold"], color="k", ls="--", lw=1)
-    axes[1].legend(fontsize=7)
+    axes[1].legend()
     sns.despine()
     out.figure(fig, "judge_validity")
     agree = val["agreement"]

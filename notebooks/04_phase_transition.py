@@ -139,7 +139,7 @@ if tr is not None:
     ax1.axvline(tr.step, color="grey", ls="--", lw=1)
 h1, l1 = ax1.get_legend_handles_labels()
 h2, l2 = ax2.get_legend_handles_labels()
-ax1.legend(h1 + h2, l1 + l2, fontsize=7, loc="lower left")
+ax1.legend(h1 + h2, l1 + l2, loc="lower left")
 out.figure(fig, "aligned_curves")
 
 # %%

@@ -79,7 +79,7 @@ for name, info in dirs.items():
     ax.plot(info["direction"].norm(dim=-1) / info["resid_norm"], label=name)
 ax.axvline(layer, color="grey", ls="--", lw=1)
 ax.set(xlabel="layer", ylabel="‖direction‖ / mean ‖residual‖")
-ax.legend(fontsize=7)
+ax.legend()
 sns.despine()
 out.figure(fig, "direction_norms")
 
@@ -93,7 +93,7 @@ if len(cos):
     cos["pair"] = cos.a + " · " + cos.b
     sns.lineplot(data=cos, x="layer", y="cos", hue="pair", ax=ax)
     ax.axvline(layer, color="grey", ls="--", lw=1)
-    ax.legend(fontsize=6)
+    ax.legend()
     sns.despine()
     out.figure(fig, "direction_cosines")
     at_layer = cos[cos.layer == layer][["a", "b", "cos"]]

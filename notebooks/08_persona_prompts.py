@@ -108,7 +108,7 @@ if rate == "comply %":
 fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 0.3 * len(conds) * len(targets) + 1.5),
                          sharey=True)
 for ax, (col, lo, hi, xlabel) in zip(axes, panels):
-    for i, (target, color) in enumerate(zip(targets, sns.color_palette(n_colors=len(targets)))):
+    for i, (target, color) in enumerate(paper.palette(targets).items()):
         g = table[table.target == target].set_index("condition").reindex(conds)
         ys = np.arange(len(conds)) - 0.4 + h * (i + 0.5)
         ax.barh(ys, g[col].fillna(0), height=h, color=color, label=target)
@@ -117,7 +117,7 @@ for ax, (col, lo, hi, xlabel) in zip(axes, panels):
                         fmt="none", ecolor="black", lw=0.8)
     ax.set(xlabel=xlabel, xlim=(0, 100), yticks=np.arange(len(conds)), yticklabels=conds)
 axes[0].invert_yaxis()  # shared y: once, so the first condition is on top
-axes[0].legend(fontsize=7, loc="lower right")
+axes[0].legend(loc="lower right")
 sns.despine()
 out.figure(fig, "compliance")
 

@@ -98,7 +98,7 @@ for ax, col, ylabel in [(axes[0], "cos", "cos(difference, trait direction)"),
     ax.axvline(layer, color="grey", ls=":", lw=1)
     ax.axhline(0, color="black", lw=0.5)
     ax.set(ylabel=ylabel)
-    ax.legend(fontsize=6)
+    ax.legend()
 axes[0].axhspan(-chance, chance, color="grey", alpha=0.2, lw=0)
 sns.despine()
 out.figure(fig, "cosine_by_layer")
@@ -127,7 +127,7 @@ fig, ax = plt.subplots(figsize=(6, 0.35 * shown.group.nunique() + 1))
 sns.stripplot(data=shown, y="group", x="projection", hue="target", ax=ax, size=3, jitter=0.2,
               palette=paper.palette(shown.target))
 ax.set(xlabel=f"projection onto the {cfg.trait} direction (layer {layer})", ylabel="")
-ax.legend(fontsize=7)
+ax.legend()
 sns.despine()
 out.figure(fig, "projections")
 
@@ -147,7 +147,7 @@ for r in at.itertuples():
     mat[i, j] = mat[j, i] = r.cos
 fig, ax = plt.subplots(figsize=(5, 4))
 sns.heatmap(mat, annot=True, fmt=".2f", cmap="vlag", vmin=-1, vmax=1, xticklabels=names, yticklabels=names, ax=ax)
-ax.set_title(f"layer {layer}", fontsize=9)
+ax.set_title(f"layer {layer}")
 out.figure(fig, "pairwise")
 
 # %%
