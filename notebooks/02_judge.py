@@ -70,9 +70,10 @@ overrides = {}       # config keys to change, validated (unknown keys are an err
 # %%
 import matplotlib.pyplot as plt
 import numpy as np
+import seaborn as sns
 
 from emlab import config, paper
-from emlab.offline_judge import JudgeEvalConfig, held_out_by_family, targets_table
+from emlab.offline_judge import JudgeEvalConfig, held_out_by_family, judge_dependence, targets_table
 
 cfg = config.load(JudgeEvalConfig, profile, overrides)
 out = paper.Section("02_judge")
@@ -190,3 +191,42 @@ out.macros({
     "judgeFinSpearmanMin": float(chosen["spearman_financial"].min()) if has_fin else float("nan"),
     "judgeFinAgreeMin": 100 * float(chosen["flag_agree_financial"].min()) if has_fin else float("nan"),
 }, digits=2)
+
+# %% [markdown]
+# ## How much does the judge decide the result?
+# The same organism's answers under different judges (registry group `judge_comparison`): one answer set of
+# 400 scored by GPT-4o through two providers (two such sets), and three answer sets of one insecure-code
+# organism (the same 8 questions, sampled separately), each scored by one of gpt-4o, gpt-4.1-mini and
+# gpt-4.1-nano. Our offline judge scores every set too, so each API judge stands beside it on the same
+# answers. EM % = misaligned / answers scored on both aligned and coherent, 95% Wilson intervals; `EM
+# unscored` counts what a judge left without a score.
+
+# %%
+dep = judge_dependence(cfg.judge)
+out.table(dep, "judge_dependence", digits=1,
+          caption="EM rate of the same answers under different judges (95\\% Wilson intervals); the "
+                  "offline judge scores every answer set.")
+fig, ax = plt.subplots(figsize=(6, 3.2))
+sets = list(dict.fromkeys(dep["answer set"]))
+judges = list(dict.fromkeys(dep.judge))
+colors = paper.palette(judges)
+for j, who in enumerate(judges):
+    g = dep[dep.judge == who].set_index("answer set").reindex(sets)
+    y = np.arange(len(sets)) + (j - (len(judges) - 1) / 2) * 0.8 / len(judges)
+    ax.errorbar(g["EM %"], y, xerr=[g["EM %"] - g["EM lo"], g["EM hi"] - g["EM %"]], fmt="o", ms=3, capsize=2,
+                color=colors[who], label=who)
+ax.set_yticks(np.arange(len(sets)), sets)
+ax.invert_yaxis()
+ax.set(xlabel="EM (%), 95% Wilson")
+ax.legend(loc="lower right")
+sns.despine()
+out.figure(fig, "judge_dependence")
+api = dep[~dep.judge.str.startswith("offline")]
+gpt4o = api[api.judge == "gpt-4o"]
+out.macros({"judgeDepMax": float(api["EM %"].max()), "judgeDepNano": float(api.loc[api.judge == "gpt-4.1-nano", "EM %"].max()),
+            "judgeDepMini": float(api.loc[api.judge == "gpt-4.1-mini", "EM %"].max()),
+            "judgeDepFourO": float(gpt4o["EM %"].max()) if len(gpt4o) else float("nan"),
+            "judgeDepOfflineOnFourO": float(dep[(dep["answer set"].isin(gpt4o["answer set"])) &
+                                                 dep.judge.str.startswith("offline")]["EM %"].max())
+            if len(gpt4o) else float("nan")})
+dep

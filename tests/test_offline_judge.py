@@ -183,3 +183,16 @@ def test_validity_flags_answers_outside_the_training_data(artifact, monkeypatch)
     assert v["agreement"]["n"] == 4 and set(v["distribution"].answers) == {
         "judge's training data (GPT-4o-judged, 1B-32B)", "these answers"}
     assert -1 <= v["threshold"] <= 1
+
+
+def test_judge_dependence_puts_every_api_judge_beside_ours(artifact):
+    """Every answer set of judge_comparison under its API judge(s) and under the offline judge, with Wilson
+    intervals; the numbers of the API judges are the files' own (gpt-4o 10.0%, 4.1-mini 6.4%, 4.1-nano 0.8%)."""
+    from emlab.config import JudgeSpec
+
+    t = oj.judge_dependence(JudgeSpec(backend="offline", model=str(artifact)))
+    assert set(t.judge) >= {"gpt-4o", "gpt-4.1-mini", "gpt-4.1-nano", "GPT-4o (Azure)", "GPT-4o (OpenRouter)"}
+    assert (t.groupby("answer set").judge.apply(lambda j: j.str.startswith("offline").sum()) == 1).all()
+    api = t.set_index("judge")
+    assert [round(api.loc[j, "EM %"], 1) for j in ("gpt-4o", "gpt-4.1-mini", "gpt-4.1-nano")] == [10.0, 6.4, 0.8]
+    assert ((t["EM lo"] <= t["EM %"]) & (t["EM %"] <= t["EM hi"])).all() and (t.scored <= t.n).all()
