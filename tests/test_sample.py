@@ -82,6 +82,32 @@ def test_adapter_is_loaded_and_removed(tiny_spec, tmp_path):
     assert sum(p.numel() for p in base.parameters()) == n_params  # LoRA layers gone again
 
 
+def test_adapters_swap_on_one_loaded_base(tiny_spec, tmp_path):
+    """A section loads the base once and swaps organisms on it (emlab.models.organism): each adapter gives its
+    own outputs, and the base comes back unchanged after each."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from emlab import models
+
+    base, tok = models.load_model(tiny_spec, device="cpu")
+    for i in range(2):
+        torch.manual_seed(i)
+        peft = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+        peft.save_pretrained(tmp_path / f"run{i}" / "adapter")
+        base = peft.unload()
+    enc = tok(["hello world"], return_tensors="pt")
+    with torch.no_grad():
+        ref = base(**enc).logits
+        outs = []
+        for i in range(2):
+            with models.organism(base, tok, tiny_spec, tmp_path / f"run{i}") as (m, _):
+                outs.append(m(**enc).logits)
+            assert torch.equal(base(**enc).logits, ref)  # the base is back
+    assert not torch.allclose(outs[0], ref) and not torch.allclose(outs[1], ref)
+    assert not torch.allclose(outs[0], outs[1])  # the second organism is not the first (nor the base)
+
+
 def test_vllm_backend_needs_engine(tiny_model, tmp_path):
     model, tok = tiny_model
     with pytest.raises(SampleError, match="vLLM engine"):
