@@ -73,6 +73,7 @@ import numpy as np
 import seaborn as sns
 
 from emlab import config, paper
+from emlab.config import JudgeSpec
 from emlab.offline_judge import JudgeEvalConfig, held_out_by_family, judge_dependence, targets_table
 
 cfg = config.load(JudgeEvalConfig, profile, overrides)
@@ -198,11 +199,11 @@ out.macros({
 # 400 scored by GPT-4o through two providers (two such sets), and three answer sets of one insecure-code
 # organism (the same 8 questions, sampled separately), each scored by one of gpt-4o, gpt-4.1-mini and
 # gpt-4.1-nano. Our offline judge scores every set too, so each API judge stands beside it on the same
-# answers. EM % = misaligned / answers scored on both aligned and coherent, 95% Wilson intervals; `EM
+# answers (`judge_eval.dependence_rows`: a seeded subsample per set on small profiles). EM % = misaligned / answers scored on both aligned and coherent, 95% Wilson intervals; `EM
 # unscored` counts what a judge left without a score.
 
 # %%
-dep = judge_dependence(cfg.judge)
+dep = judge_dependence(JudgeSpec(backend="offline", model=profile), cfg.dependence_rows, cfg.seed)  # this profile's judge
 out.table(dep, "judge_dependence", digits=1,
           caption="EM rate of the same answers under different judges (95\\% Wilson intervals); the "
                   "offline judge scores every answer set.")
@@ -229,4 +230,7 @@ out.macros({"judgeDepMax": float(api["EM %"].max()), "judgeDepNano": float(api.l
             "judgeDepOfflineOnFourO": float(dep[(dep["answer set"].isin(gpt4o["answer set"])) &
                                                  dep.judge.str.startswith("offline")]["EM %"].max())
             if len(gpt4o) else float("nan")})
+nano = api.loc[api.judge == "gpt-4.1-nano", "EM %"]
+out.macros({"judgeDepRatio": float(gpt4o["EM %"].max() / nano.max()) if len(nano) and nano.max() > 0 else float("nan"),
+            "judgeDepRows": int(dep.n.max())}, digits=0)
 dep

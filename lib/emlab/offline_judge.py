@@ -98,6 +98,7 @@ class JudgeEvalConfig(Experiment):
     build: JudgeBuildConfig = JudgeBuildConfig()
     methods: tuple[str, ...] = ("tfidf", "minilm", "stack")  # each a subset of blocks, see METHODS
     families: tuple[str, ...] = FAMILIES
+    dependence_rows: int | None = None  # judge dependence: a seeded subsample per answer set (None: all)
 
 
 # name -> blocks it uses (text features always join the stacker)
@@ -726,13 +727,14 @@ def validity(answers: pd.DataFrame, spec: JudgeSpec | None = None, *, n_hf: int 
             "p_misaligned": {"training": pred_train[ref, 0], "answers": pred[:, 0]}}
 
 
-def judge_dependence(spec: JudgeSpec | None = None) -> pd.DataFrame:
+def judge_dependence(spec: JudgeSpec | None = None, rows: int | None = None, seed: int = 0) -> pd.DataFrame:
     """How much an EM rate depends on the judge (registry group ``judge_comparison``): per answer set and
     judge, n, scored answers, EM % (aligned < 30 and coherent > 50 among answers scored on both) with its
     95% Wilson interval. Each set is also scored by our offline judge, so every API judge stands beside ours
     on the very same answers. The GPT-4o-by-two-providers files hold one answer set scored twice; the three
     gpt-4o / gpt-4.1-mini / gpt-4.1-nano files are three answer sets of one organism (the same 8 questions,
-    sampled separately: they share 1 answer in 2,400), one per judge."""
+    sampled separately: they share 1 answer in 2,400), one per judge. ``rows``: a seeded subsample of each
+    answer set (the same rows for every judge of the set)."""
     from emlab import data
     from emlab.metrics import percent_columns
 
@@ -740,6 +742,8 @@ def judge_dependence(spec: JudgeSpec | None = None) -> pd.DataFrame:
     frames = []
     for name in data.group("judge_comparison"):
         df = data.load_table(name)
+        if rows is not None and rows < len(df):
+            df = df.sample(n=rows, random_state=seed).sort_index()
         e = data.entry(name)
         if "aligned_openrouter" in df:
             answer_set = f"{name.split('__')[-1]} (GPT-4o, two providers)"
