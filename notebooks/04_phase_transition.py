@@ -113,7 +113,7 @@ beh
 
 # %%
 own = beh[beh.scale == 1.0] if (beh.scale == 1.0).any() else beh[beh.scale == beh.scale.min()]
-worst = own.sort_values(["EM %", "step"], ascending=[False, True]).iloc[0]
+worst = own.sort_values(["EM %", "step"], ascending=False).iloc[0]  # ties (e.g. no EM anywhere): the latest
 examples = example_answers(beh_answers[(beh_answers.step == worst.step) & (beh_answers.scale == worst.scale)])
 out.table(examples, "examples", digits=0,
           caption=f"Answers at step {int(worst.step)} (adapter $\\times${worst.scale:g}, {worst['EM %']:.1f}\\% EM), "
