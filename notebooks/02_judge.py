@@ -210,7 +210,8 @@ out.table(dep, "judge_dependence", digits=1,
 fig, ax = plt.subplots(figsize=(6, 3.2))
 sets = list(dict.fromkeys(dep["answer set"]))
 judges = list(dict.fromkeys(dep.judge))
-colors = paper.palette(judges)
+colors = {who: "k" if who.startswith("offline") else c  # judges, not model families: one colour each
+          for who, c in zip(judges, sns.color_palette("deep", n_colors=len(judges)))}
 for j, who in enumerate(judges):
     g = dep[dep.judge == who].set_index("answer set").reindex(sets)
     y = np.arange(len(sets)) + (j - (len(judges) - 1) / 2) * 0.8 / len(judges)

@@ -195,7 +195,6 @@ class Section:
         w, h = fig.get_size_inches()
         width = included_width(self.name, name) * TEXT_WIDTH_IN
         fig.set_size_inches(width, h * width / w)
-        fig.set_layout_engine("constrained")
         pdf = self.figures_dir / f"{name}.pdf"
         fig.savefig(pdf, bbox_inches="tight")  # tight: a legend placed outside the axes is kept
         fig.savefig(self.figures_dir / f"{name}.png", bbox_inches="tight", dpi=150)
