@@ -158,7 +158,7 @@ table
 # %%
 methods = list(dict.fromkeys(summary["method"]))
 kinds = list(dict.fromkeys(organisms["split"]))
-colors = paper.palette(kinds)
+colors = dict(zip(kinds, sns.color_palette("deep", n_colors=len(kinds))))  # kinds of held-out set, one colour each
 fig, axes = plt.subplots(1, len(methods), figsize=(2.2 * len(methods), 2.4), sharex=True, sharey=True, squeeze=False)
 lim = float(organisms[["em_gpt4o", "em_pred"]].max().max()) + 3
 for ax, m in zip(axes[0], methods):
@@ -175,10 +175,11 @@ out.figure(fig, "em_rate_per_organism")
 
 # %%
 fig, ax = plt.subplots(figsize=(6, 2.6))
-sets = list(dict.fromkeys(summary["split"] + ": " + summary["held out"]))
+ranked = summary[summary["auroc"].notna()]  # base models have no misaligned answer to rank
+sets = list(dict.fromkeys(ranked["split"] + ": " + ranked["held out"]))
 mcol = paper.palette(methods)
 for j, m in enumerate(methods):
-    s_ = summary[summary.method == m]
+    s_ = ranked[ranked.method == m]
     x = np.arange(len(sets)) + (j - (len(methods) - 1) / 2) * 0.8 / len(methods)
     ax.plot(x, s_.set_index(s_["split"] + ": " + s_["held out"]).reindex(sets)["auroc"], "o", ms=3,
             color=mcol[m], label=m)
