@@ -95,7 +95,9 @@ def load(rows_per_organism: int | None = None, seed: int = 0, names: Sequence[st
 
     names = list(names or [n for g in SOURCES.values() for n in data.group(g)])
     frames, A, Q, shas = [], [], [], []
-    for name in names:
+    from tqdm.auto import tqdm
+
+    for name in tqdm(names, desc="judged answers (read, embed)"):
         e = data.entry(name)
         full = pd.read_csv(data.fetch(name))
         missing = {"response", "question", "aligned", "coherent"} - set(full.columns)
