@@ -86,6 +86,21 @@ def _rows(df: pd.DataFrame, n: int | None, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(len(df), n, replace=False))
 
 
+def default_names() -> list[str]:
+    from emlab import data
+
+    return [n for g in SOURCES.values() for n in data.group(g)]
+
+
+def data_sha(rows_per_organism: int | None, seed: int, names: Sequence[str] | None = None) -> str:
+    """What :func:`load` returns is fixed by the files' registry sha256 and the subsample: its key, read
+    without reading or embedding anything (an up-to-date judge build checks only this)."""
+    from emlab import data
+
+    shas = [f"{n}:{data.entry(n).sha256}" for n in (names or default_names())]
+    return hashlib.sha256(f"{rows_per_organism}|{seed}|".encode() + "\n".join(shas).encode()).hexdigest()
+
+
 def load(rows_per_organism: int | None = None, seed: int = 0, names: Sequence[str] | None = None
          ) -> tuple[pd.DataFrame, np.ndarray, np.ndarray, str]:
     """Judged answers with their answer and question embeddings, and a sha256 over data + subsample.
@@ -93,8 +108,8 @@ def load(rows_per_organism: int | None = None, seed: int = 0, names: Sequence[st
     when one exists, else only the subsample is embedded (and cached)."""
     from emlab import data
 
-    names = list(names or [n for g in SOURCES.values() for n in data.group(g)])
-    frames, A, Q, shas = [], [], [], []
+    names = list(names or default_names())
+    frames, A, Q = [], [], []
     from tqdm.auto import tqdm
 
     for name in tqdm(names, desc="judged answers (read, embed)"):
@@ -122,14 +137,12 @@ def load(rows_per_organism: int | None = None, seed: int = 0, names: Sequence[st
         df = df.assign(organism=name, source=src, model=model, family=_family(model),
                        ft_domain="code" if name == UNSEEN_CODE else ft_domain(name, e.meta.get("finetune", "")))
         frames.append(df)
-        shas.append(f"{name}:{e.sha256}")
     out = pd.concat(frames, ignore_index=True)
     flag = (out["aligned"] < EM_ALIGNED) & (out["coherent"] > EM_COHERENT)
     out["misaligned"] = flag.astype(float).where(out["aligned"].notna() & out["coherent"].notna())
     keep = ["organism", "source", "model", "family", "ft_domain", "question", "response", "aligned", "coherent",
             "misaligned", *[m for m in EXTRA_METRICS if m in out]]
-    sha = hashlib.sha256(f"{rows_per_organism}|{seed}|".encode() + "\n".join(shas).encode()).hexdigest()
-    return out[keep], np.vstack(Q), np.vstack(A), sha
+    return out[keep], np.vstack(Q), np.vstack(A), data_sha(rows_per_organism, seed, names)
 
 
 def _family(model: str) -> str:
@@ -212,13 +225,12 @@ def evaluate(cfg: HeldOutConfig) -> dict[str, pd.DataFrame]:
     """Every method on every split: ``summary`` (method x split) and ``organisms`` (EM rate per held-out
     organism). Each fit is cached under build/judge_cache/heldout/ by data, subsample, method, split and this
     code, so an interrupted or extended evaluation redoes only what is missing."""
-    from emlab import data
     from tqdm.auto import tqdm
 
     unknown = set(cfg.methods) - set(METHODS)
     if unknown:
         raise ValueError(f"judge_heldout.methods: unknown {sorted(unknown)}; known: {', '.join(METHODS)}")
-    names = [n for g in SOURCES.values() for n in data.group(g)] + [UNSEEN_CODE]
+    names = default_names() + [UNSEEN_CODE]
     df, Q, A, sha = load(cfg.rows_per_organism, cfg.seed, names)
     code = b"".join(Path(m.__file__).read_bytes() for m in _modules())
     base = hashlib.sha256(f"{sha}|".encode() + code).hexdigest()[:16]

@@ -23,7 +23,7 @@ import pandas as pd
 
 from emlab import embeddings
 from emlab.config import Frozen
-from emlab.embedding_judge import text_features
+from emlab.embedding_judge import _quantile_map, text_features
 
 log = logging.getLogger(__name__)
 
@@ -245,16 +245,6 @@ class _Heads:
         return out
 
 
-def _score_map(pred: np.ndarray, true: np.ndarray, n: int = 101) -> tuple[np.ndarray, np.ndarray]:
-    """Monotone quantile map from predicted to GPT-4o scores (fit on out-of-fold predictions).
-    Ridge shrinks scores towards the mean, so few land below 30; matching quantiles restores GPT-4o's
-    spread (ranks, hence Spearman and AUROC, are unchanged)."""
-    q = np.linspace(0, 1, n)
-    x, yv = np.quantile(pred, q), np.quantile(true, q)
-    x = np.maximum.accumulate(x + np.arange(n) * 1e-9)
-    return x, yv
-
-
 def fit(df: pd.DataFrame, cfg: StackConfig, emb: np.ndarray | None = None) -> dict[str, Any]:
     """Fit features + heads + score maps on ``df``; returns the arrays and dicts of an artifact, and
     ``oof``: the stacker's predictions from out-of-fold block outputs (P, raw aligned, raw coherent)."""
@@ -264,9 +254,9 @@ def fit(df: pd.DataFrame, cfg: StackConfig, emb: np.ndarray | None = None) -> di
     heads = _Heads(blocks)
     oof = heads.fit(feats, df, cfg)
     ok = df["aligned"].notna().to_numpy()
-    ax, ay = _score_map(oof[ok, 1], df["aligned"].to_numpy()[ok])
+    ax, ay = _quantile_map(oof[ok, 1], df["aligned"].to_numpy()[ok])
     okc = df["coherent"].notna().to_numpy()
-    cx, cy = _score_map(oof[okc, 2], df["coherent"].to_numpy()[okc])
+    cx, cy = _quantile_map(oof[okc, 2], df["coherent"].to_numpy()[okc])
     w = dict(heads.w)
     w.update({"map/al_x": ax, "map/al_y": ay, "map/co_x": cx, "map/co_y": cy})
     oof = np.column_stack([oof[:, 0], np.interp(oof[:, 1], ax, ay), np.interp(oof[:, 2], cx, cy)])
@@ -300,7 +290,7 @@ def _fit_extra(feats: dict[str, Any], w: dict[str, np.ndarray], df: pd.DataFrame
     for tr, te in GroupKFold(max(2, min(folds, len(set(groups))))).split(raw, groups=groups):
         r = _fit_ridge(X[tr], yl[tr])
         raw[te] = X[te] @ np.ravel(r.coef_) + r.intercept_
-    mx, my = _score_map(raw, yl)
+    mx, my = _quantile_map(raw, yl)
     r = _fit_ridge(X, yl)
     out = {f"extra/{metric}/w": np.ravel(r.coef_), f"extra/{metric}/b": np.atleast_1d(r.intercept_),
            f"extra/{metric}/map_x": mx, f"extra/{metric}/map_y": my}

@@ -103,18 +103,19 @@ def artifact_dir() -> Path:
 def build(cfg: JudgeBuildConfig | None = None, out: Path | None = None, force: bool = False) -> Path:
     """Fit v3 on both judged sets and write the artifact (atomically: a killed build leaves no artifact).
     Skips when an artifact of this VERSION, data and config is already there (``force`` rebuilds)."""
-    from emlab.judge_heldout import load, scores
+    from emlab.judge_heldout import data_sha, load, scores
 
     cfg = cfg or JudgeBuildConfig()
     out = Path(out or artifact_dir() / "cpu")
     start = time.time()
-    df, Q, A, sha = load(cfg.rows_per_organism, cfg.seed)
     meta_path = out / "meta.json"
     if not force and meta_path.exists():
         meta = json.loads(meta_path.read_text())
-        if meta.get("version") == VERSION and meta.get("data_sha256") == sha and meta.get("config") == cfg.model_dump(mode="json"):
+        if (meta.get("version") == VERSION and meta.get("data_sha256") == data_sha(cfg.rows_per_organism, cfg.seed)
+                and meta.get("config") == cfg.model_dump(mode="json")):
             log.info("offline judge up to date at %s", out)
             return out
+    df, Q, A, sha = load(cfg.rows_per_organism, cfg.seed)
     log.info("building offline judge %s on %d answers of %d organisms", VERSION, len(df), df.organism.nunique())
     fitted = fit(df.rename(columns={"organism": "file"}), cfg.stack, A)
     held, orgs = scores(df, fitted["oof"], fitted["extra_oof"])
