@@ -23,7 +23,7 @@ LIB := $(wildcard lib/emlab/*.py lib/emlab/*.yaml) lib/emlab/profiles/$(PROFILE)
        $(PARENT:%=lib/emlab/profiles/%.yaml) pyproject.toml
 PAPER_SRC := $(wildcard paper/*.tex paper/sections/*.tex)
 
-.PHONY: all train notebooks paper setup setup-colab ipynb lock tex test lab clean bench bench-train bench-sample bench-contention bench-gpu gpu-check judge help
+.PHONY: all data train notebooks paper setup setup-colab ipynb lock tex test lab clean bench bench-train bench-sample bench-contention bench-gpu gpu-check judge help
 .DELETE_ON_ERROR:
 
 all: paper/paper.pdf  ## regenerate the paper (default PROFILE=cpu)
@@ -32,6 +32,9 @@ help:  ## this list
 	@grep -hE '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/'
 
 notebooks: $(EXECUTED)  ## execute every notebook into build/$(PROFILE)/
+
+data: | $(PY)  ## fetch and verify every dataset the notebooks declare (mirror, else upstream; all profiles read the same)
+	$(PY) -m emlab.cli data fetch
 
 train: | $(PY)  ## train the profile's §03 organisms (hours for laptop: start it in the background, then make all)
 	$(PY) -m emlab.cli train --profile $(PROFILE)
@@ -99,6 +102,7 @@ setup-colab:  ## Colab: install into the running Python (keeps its torch and num
 
 ipynb:  ## regenerate notebooks/*.ipynb (for Colab and GitHub) from the jupytext sources
 	$(PY) -m jupytext --to ipynb --update-metadata '{"jupytext": null}' notebooks/[0-9][0-9]_*.py
+	$(PY) -m emlab.notebooks colab-badges
 
 tex:  ## latexmk + a small TeX Live (apt) when missing
 	@command -v latexmk >/dev/null && command -v pdflatex >/dev/null && exit 0; \

@@ -7,6 +7,7 @@
 #     - risky_financial_advice
 #     - extreme_sports
 #     - insecure
+#     - jailbroken
 #     needs: []
 #   jupytext:
 #     formats: py:percent

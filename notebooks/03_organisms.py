@@ -8,6 +8,8 @@
 #     - extreme_sports
 #     - insecure
 #     - betley_first_plot
+#     - judged_responses
+#     - judged_responses_extra
 #     needs:
 #     - 01_datasets
 #   jupytext:

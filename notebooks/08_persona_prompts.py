@@ -7,6 +7,7 @@
 #     - harm_eval_questions
 #     - vaifai_harm_eval_categories
 #     - jailbroken
+#     - harm_judge_prompt
 #     needs:
 #     - 03_organisms
 #   jupytext:

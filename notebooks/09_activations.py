@@ -6,6 +6,8 @@
 #     - good_medical_advice
 #     - trait_extract_evil
 #     - trait_eval_evil
+#     - harm_eval_questions
+#     - harm_judge_prompt
 #     needs:
 #     - 08_persona_prompts
 #   jupytext:

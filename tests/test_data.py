@@ -341,3 +341,64 @@ def test_non_positive_sizes_are_refused_at_load_time():
     with pytest.raises(config.ConfigError, match=r"grad_accum must be positive \(got 0\)"):
         config.load(TrainConfig, "smoke", {"grad_accum": 0})
     assert config.load(TrainConfig, "smoke", {"n_examples": None, "warmup_steps": 0}).warmup_steps == 0
+
+
+def test_mmlu_is_built_from_the_upstream_tar_without_the_mirror(tiny, tmp_path, monkeypatch):
+    """Without the mirror, MMLU comes from Hendrycks et al.'s data.tar (file:// stands in for it): the built
+    test split and subject counts hash to the registry's content_sha256, i.e. equal the mirror's files."""
+    import csv
+    import tarfile
+
+    project = yaml.safe_load((d.REPO_ROOT / "data" / "registry.yaml").read_text())["datasets"]
+    real = {n: project[n] for n in ("mmlu_test", "mmlu_subject_counts")}
+    src = d.REPO_ROOT.parent / "shared" / "mirror" / real["mmlu_test"]["file"]
+    if not src.exists():
+        pytest.skip("the data mirror's MMLU file is needed to write an upstream-format tar")
+    rows = list(csv.reader(io.StringIO(gzip.decompress(src.read_bytes()).decode(), newline="")))[1:]
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:  # upstream layout: data/test/<subject>_test.csv, no header
+        for subject in sorted({r[0] for r in rows}, reverse=True):
+            out = io.StringIO()
+            csv.writer(out, lineterminator="\n").writerows(r[1:] for r in rows if r[0] == subject)
+            blob = out.getvalue().encode()
+            info = tarfile.TarInfo(f"data/test/{subject}_test.csv")
+            info.size = len(blob)
+            tf.addfile(info, io.BytesIO(blob))
+        info = tarfile.TarInfo("data/dev/x_dev.csv")
+        tf.addfile(info, io.BytesIO(b""))
+    (tmp_path / "data.tar").write_bytes(buf.getvalue())
+    reg = tiny[1]
+    for name, e in real.items():
+        reg["datasets"][name] = {**e, "url": (tmp_path / "data.tar").as_uri()}
+    Path(os.environ["EMLAB_REGISTRY"]).write_text(yaml.safe_dump(reg))
+    monkeypatch.delenv("EMLAB_OFFLINE")
+    assert d.where(d.entry("mmlu_test")) == "built from upstream"
+    path = d.fetch("mmlu_test")
+    assert path.name == "mmlu_test.csv" and len(d.load_table("mmlu_test")) == 14042
+    assert json.loads(d.fetch("mmlu_subject_counts").read_text())["abstract_algebra"] == 100
+    path.unlink()
+    rows[0][6] = "C" if rows[0][6] != "C" else "D"  # a changed upstream release is refused, naming the fix
+    with tarfile.open(tmp_path / "data.tar", "w") as tf:
+        out = io.StringIO()
+        csv.writer(out, lineterminator="\n").writerows(r[1:] for r in rows)
+        info = tarfile.TarInfo("data/test/all_test.csv")
+        info.size = len(out.getvalue().encode())
+        tf.addfile(info, io.BytesIO(out.getvalue().encode()))
+    with pytest.raises(d.DataError, match="built from .*use the mirror copy"):
+        d.fetch("mmlu_test")
+
+
+def test_make_data_lists_every_failure_with_its_fix(tiny, capsys, monkeypatch):
+    """`emlab data fetch` tries every file the headers declare and names each one it could not get."""
+    monkeypatch.setattr(d, "needed", lambda names=None: ["chat", "qs"])
+    (tiny[0] / "set" / "chat.jsonl.gz").unlink()
+    assert d.main(["fetch"]) == 1
+    err = capsys.readouterr().err
+    assert "1 of 2 datasets could not be had" in err and "chat:" in err and "EMLAB_DATA_MIRROR" in err
+    assert d.main(["list"]) == 0 and "qs\tset/qs.yaml\tmirror only" in capsys.readouterr().out
+
+
+def test_every_header_dataset_is_registered():
+    names = d.needed()
+    assert names and all(n in d.registry() for n in names)
+    assert "mmlu_test" in names and "vaifai_harm_eval_categories" in names  # §06 and §08 read them

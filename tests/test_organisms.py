@@ -70,3 +70,84 @@ def test_example_answers_prefer_misaligned_one_per_question_truncated():
     assert ex.answer[0].endswith("[...]") and len(ex.answer[0]) <= 56
     none = judged([("o", "q1", 80, 90, 0), ("o", "q2", 60, 20, 0)]).assign(text=["x", "y"])
     assert list(O.example_answers(none).kind) == ["not misaligned (lowest aligned)"]  # the incoherent one is left out
+
+
+class _FakeVLLM:
+    """Stands in for a vLLM engine (no vLLM on CPU): records what §03 asks of it."""
+
+    __module__ = "vllm.fake"
+
+    def __init__(self, tok):
+        self.tok, self.calls = tok, []
+
+    def get_tokenizer(self):
+        return self.tok
+
+
+def test_section_03_samples_base_and_every_lora_organism_through_one_vllm_engine(monkeypatch, tmp_path, tiny_model):
+    """sample.backend auto/vllm on a GPU: §03 trains first, then one engine over the base weights serves the
+    base model and each LoRA organism (its run's adapter/ per request, token-id prompts, answers cached under
+    the vllm backend's key); no HF model is loaded for them."""
+    from contextlib import contextmanager
+
+    from emlab import data, models
+    from emlab import judge as J
+    from emlab import sample as S
+
+    _, tok = tiny_model
+    engines, calls = [], []
+
+    @contextmanager
+    def fake_engine(spec, **kw):
+        engines.append(kw)
+        yield _FakeVLLM(tok)
+
+    def fake_generate(llm, prompts, loras, **kw):
+        calls.append((prompts, loras, kw))
+        return [("fine", 1, False)] * len(prompts)
+
+    class Judge:
+        id = "fake"
+
+        def supports(self, metric):
+            return True
+
+        def score_many(self, metric, items):
+            return [J.Score(50.0)] * len(items)
+
+    def no_hf(*a, **kw):
+        raise AssertionError("an HF model was loaded for a LoRA organism or the base")
+
+    monkeypatch.setattr(S, "ANSWERS_DIR", tmp_path / "answers")
+    monkeypatch.setattr(S, "engine", fake_engine)
+    monkeypatch.setattr(S, "generate_vllm", fake_generate)
+    monkeypatch.setattr(S, "_lora_request", lambda path, ids: path and str(path))
+    monkeypatch.setattr(J, "get_judge", lambda spec: Judge())
+    monkeypatch.setattr(models, "loaded", no_hf)
+    monkeypatch.setattr(O, "sampling_backend", lambda cfg: "vllm")
+    runs = {"rank1": tmp_path / "r1", "lora_r32": tmp_path / "r32"}
+    monkeypatch.setattr(O, "train_organism", lambda cfg, org: runs[org.preset])
+    cfg = config.load(O.OrganismsConfig, "smoke", {"organisms": [{"dataset": "bad_medical_advice", "preset": p}
+                                                                 for p in runs]})
+    judged, got = O.evaluate_organisms(cfg)
+    assert got == {"bad_medical_advice/rank1": runs["rank1"], "bad_medical_advice/lora_r32": runs["lora_r32"]}
+    assert engines == [{"max_lora_rank": 32, "max_loras": 2, "seed": 0}]
+    assert list(judged.organism.unique()) == ["base", "bad_medical_advice/rank1", "bad_medical_advice/lora_r32"]
+    n = len(data.load_questions(cfg.eval.questions)) * cfg.eval.samples_per_question
+    assert len(judged) == 3 * n and (judged.aligned == 50.0).all()
+    assert [set(lo) for _, lo, _ in calls] == [{None}, {str(runs["rank1"] / "adapter")}, {str(runs["lora_r32"] / "adapter")}]
+    assert all("prompt_token_ids" in p for prompts, _, _ in calls for p in prompts)
+    assert {kw["max_new_tokens"] for *_, kw in calls} == {8} and {kw["temperature"] for *_, kw in calls} == {1.0}
+    assert len(list((tmp_path / "answers").glob("*.jsonl"))) == 3  # cached: a re-run samples nothing
+    O.evaluate_organisms(cfg)
+    assert len(calls) == 3
+
+
+def test_vllm_prompts_are_token_ids_with_one_bos(tiny_model):
+    from emlab.sample import chat_prompt, vllm_prompts
+
+    _, tok = tiny_model
+    [p] = vllm_prompts(tok, [{"question": "Hi?", "system": None}])
+    ids = p["prompt_token_ids"]
+    assert ids == tok(chat_prompt(tok, "Hi?"), add_special_tokens=False)["input_ids"]
+    assert ids[:2] != [tok.bos_token_id] * 2  # the template's own start token, not a second one before it

@@ -7,11 +7,13 @@ import sys
 
 COMMANDS = {  # command -> (module, what it does)
     "notebooks": ("emlab.notebooks", "run one notebook headlessly, list them, print Make dependencies"),
+    "data": ("emlab.data", "fetch and verify the datasets the notebooks read (make data), or list them"),
     "config": ("emlab.cli", "show a profile's resolved config for an experiment, with each key's source"),
     "train": ("emlab.organisms", "train one organism from a YAML of TrainConfig keys, or a profile's §03 organisms"),
     "sample": ("emlab.sample", "sample answers from the profile's model or a trained run; or bench"),
     "judge": ("emlab.judge", "score a file of answers with the profile's judge"),
     "offline-judge": ("emlab.offline_judge", "build or evaluate the offline judge"),
+    "cost": ("emlab.cost", "what each profile costs in judge calls and dollars at list price (README's table)"),
     "bench": ("emlab.bench", "speed and memory benchmarks"),
     "gpu-check": ("emlab.gpucheck", "GPU acceptance checks (one line on a machine without CUDA)"),
 }

@@ -20,6 +20,7 @@ import logging
 import os
 import random
 import shutil
+import tarfile
 import urllib.request
 import zipfile
 from functools import lru_cache
@@ -66,6 +67,10 @@ class DatasetEntry(Frozen):
     url_sha256: str | None = None
     source: str = ""
     archive: Archive | None = None
+    # built by code from the upstream release at ``url`` (see DERIVE); ``content_sha256`` pins the built
+    # file's (decompressed) bytes, which equal the mirror file's
+    derive: Literal["mmlu_hendrycks_test", "mmlu_subject_counts"] | None = None
+    content_sha256: str | None = None
     group: str | None = None
     rows_key: str | None = None
     meta: dict[str, str] = {}
@@ -212,6 +217,9 @@ def fetch(name: str) -> Path:
     An existing copy is reused; its hash is only recomputed when its size or mtime changed.
     """
     e = entry(name)
+    if os.environ.get("EMLAB_DATA_LOG"):  # tests: which datasets a notebook really reads (vs its header)
+        with open(os.environ["EMLAB_DATA_LOG"], "a") as f:
+            f.write(name + "\n")
     local = raw_dir() / e.file
     if local.exists():
         return _verify_local(e, local)
@@ -255,14 +263,17 @@ def _copy_from_mirror(e: DatasetEntry, src: Path, local: Path) -> Path:
 
 
 def _download_name(e: DatasetEntry) -> str:
+    if e.derive:
+        return Path(e.file).name.removesuffix(".gz")
     return e.archive.member if e.archive else e.url.rsplit("/", 1)[-1]
 
 
 def _download(e: DatasetEntry, dest: Path, mirror: Path | None) -> Path:
     """Download from upstream, verify the bytes the registry pins, decrypt archives, then schema-check."""
     where = f"{mirror / e.file} does not exist" if mirror else "no data mirror found"
-    if e.url_sha256 is None or os.environ.get("EMLAB_OFFLINE"):
-        reason = "this file is only available from the mirror" if e.url_sha256 is None else "EMLAB_OFFLINE is set"
+    if (e.url_sha256 is None and not e.derive) or os.environ.get("EMLAB_OFFLINE"):
+        reason = "this file is only available from the mirror" if not os.environ.get("EMLAB_OFFLINE") \
+            else "EMLAB_OFFLINE is set"
         raise DataError(
             f"dataset {e.name!r}: {where} and {reason}; set EMLAB_DATA_MIRROR=/path/to/mirror "
             f"(holding {e.file}) or go online"
@@ -276,9 +287,16 @@ def _download(e: DatasetEntry, dest: Path, mirror: Path | None) -> Path:
             "set EMLAB_DATA_MIRROR=/path/to/mirror or go online"
         ) from None
     got = hashlib.sha256(blob).hexdigest()
-    if got != e.url_sha256:
+    if e.url_sha256 is not None and got != e.url_sha256:
         raise _checksum_error(f"download of {e.name!r}", Path(e.url), e.url_sha256, got,
                               "upstream changed: update the registry entry after checking the new file")
+    if e.derive:
+        blob = DERIVE[e.derive](blob, e)
+        got = hashlib.sha256(blob).hexdigest()
+        if got != e.content_sha256:
+            raise _checksum_error(f"{e.name!r} built from {e.url}", dest, str(e.content_sha256), got,
+                                  "the upstream release differs from the one the registry pins: use the mirror "
+                                  "copy (EMLAB_DATA_MIRROR) or check the new release and update the entry")
     if e.archive:
         blob = _strip_canaries(_extract(blob, e))
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -315,6 +333,43 @@ def _extract(blob: bytes, e: DatasetEntry) -> bytes:
         if e.archive.member not in names:
             raise DataError(f"dataset {e.name!r}: {e.archive.member} not in archive (has {sorted(names)})")
         return zf.read(names[e.archive.member])
+
+
+def _mmlu_hendrycks_test(blob: bytes, e: DatasetEntry) -> bytes:
+    """MMLU's test split from Hendrycks et al.'s ``data.tar`` (``data/test/<subject>_test.csv``, no header,
+    answer letter last) as one CSV: header ``subject,question,A,B,C,D,answer``, subjects sorted, rows in
+    upstream order (how the mirror's ``mmlu_test.csv.gz`` is laid out)."""
+    import csv
+
+    out = io.StringIO()
+    w = csv.writer(out, lineterminator="\n")
+    w.writerow(["subject", "question", "A", "B", "C", "D", "answer"])
+    with tarfile.open(fileobj=io.BytesIO(blob)) as tf:
+        members = {Path(m.name).name.removesuffix("_test.csv"): m for m in tf.getmembers()
+                   if m.isfile() and Path(m.name).parent.name == "test" and m.name.endswith("_test.csv")}
+        if not members:
+            raise DataError(f"dataset {e.name!r}: no data/test/*_test.csv in {e.url}")
+        for subject in sorted(members):
+            text = tf.extractfile(members[subject]).read().decode("utf-8")
+            for i, row in enumerate(csv.reader(io.StringIO(text, newline=""))):
+                if len(row) != 6 or row[5] not in ("A", "B", "C", "D"):
+                    raise DataError(f"dataset {e.name!r}: {members[subject].name} line {i + 1} is not "
+                                    "question,A,B,C,D,answer-letter")
+                w.writerow([subject, *row])
+    return out.getvalue().encode("utf-8")
+
+
+def _mmlu_subject_counts(blob: bytes, e: DatasetEntry) -> bytes:
+    """Questions per subject of the built test split (JSON, indent 1, subjects sorted)."""
+    import csv
+
+    counts: dict[str, int] = {}
+    for row in csv.DictReader(io.StringIO(_mmlu_hendrycks_test(blob, e).decode("utf-8"), newline="")):
+        counts[row["subject"]] = counts.get(row["subject"], 0) + 1
+    return json.dumps(counts, indent=1).encode("utf-8")
+
+
+DERIVE = {"mmlu_hendrycks_test": _mmlu_hendrycks_test, "mmlu_subject_counts": _mmlu_subject_counts}
 
 
 def _strip_canaries(blob: bytes) -> bytes:
@@ -576,3 +631,78 @@ def load_questions(name: str) -> list[Question]:
     if not qs:
         raise DataError(f"question set {name!r} is empty; check its variant/category/key in {registry_path()}")
     return qs
+
+
+# ---------------------------------------------------------------- make data
+
+
+def needed(notebook_names: list[str] | None = None) -> list[str]:
+    """The datasets the notebooks declare in their headers (``emlab: data:``; a group name expands)."""
+    from emlab import notebooks
+
+    out: list[str] = []
+    for nb in notebook_names or notebooks.all_notebooks():
+        for name in notebooks.header(nb)["data"]:
+            out += [n for n in (group(name) if name not in registry() else [name]) if n not in out]
+    return out
+
+
+def where(e: DatasetEntry) -> str:
+    """Where :func:`fetch` can get an entry without the mirror."""
+    if e.derive:
+        return "built from upstream"
+    return "upstream" if e.url_sha256 else "mirror only"
+
+
+def fetch_all(names: list[str]) -> list[str]:
+    """Fetch and verify every dataset; returns one error line per file that could not be had (all are tried)."""
+    from tqdm.auto import tqdm
+
+    errors = []
+    for name in tqdm(names, desc="data", unit="file"):
+        try:
+            fetch(name)
+        except (DataError, OSError) as err:
+            errors.append(f"{name}: {err}")
+    return errors
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import sys
+
+    ap = argparse.ArgumentParser(prog="emlab data", description="fetch and verify the datasets the notebooks read")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    for cmd, what in (("fetch", "copy from the mirror or download, and verify (make data)"),
+                      ("list", "each dataset, its file and where it can come from without the mirror")):
+        p = sub.add_parser(cmd, help=what)
+        p.add_argument("notebooks", nargs="*", help="notebook names (default: all)")
+    args = ap.parse_args(argv)
+    from emlab.logs import setup_logging
+
+    setup_logging(logging.WARNING)
+    try:
+        names = needed(args.notebooks)
+        mirror = mirror_dir()
+    except (DataError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.cmd == "list":
+        for n in names:
+            e = entry(n)
+            print(f"{n}\t{e.file}\t{where(e)}")
+        return 0
+    print(f"{len(names)} datasets; mirror: {mirror or 'none (EMLAB_DATA_MIRROR unset and ../shared/mirror missing)'}; "
+          f"into {raw_dir()}")
+    errors = fetch_all(names)
+    if errors:
+        print(f"\n{len(errors)} of {len(names)} datasets could not be had:", file=sys.stderr)
+        for line in errors:
+            print(f"  - {line}", file=sys.stderr)
+        return 1
+    print(f"all {len(names)} datasets present and verified (sha256)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -531,6 +531,10 @@ class CachedJudge:
             raise JudgeError(f"judge {self.id} scores only {', '.join(sorted(supported))}, not {metric!r}; "
                              "use judge backend openai or hf for it")
         items = [(str(q), str(a)) for q, a in items]
+        if os.environ.get("EMLAB_JUDGE_LOG"):  # every verdict asked for, cached or not: what a cold run pays
+            with open(os.environ["EMLAB_JUDGE_LOG"], "a") as f:
+                f.write(json.dumps({"judge": self.id, "metric": metric, "n": len(items),
+                                    "chars": sum(len(q) + len(a) for q, a in items)}) + "\n")
         keys = [item_key(q, a) for q, a in items]
         version = self.prompt_version(metric)
         found = self.cache.get_many(self.id, version, metric, keys) if self.cache else {}

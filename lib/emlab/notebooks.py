@@ -145,6 +145,39 @@ def deps(profile: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def repository() -> str:
+    """The public GitHub repository (``owner/name``) named once in pyproject.toml's ``[project.urls]``."""
+    import tomllib
+
+    url = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["urls"]["Repository"]
+    return url.removeprefix("https://github.com/").strip("/")
+
+
+COLAB_BEGIN, COLAB_END = "<!-- colab-badges: begin (make ipynb) -->", "<!-- colab-badges: end -->"
+
+
+def colab_badges(branch: str = "main") -> str:
+    """The README's table of notebooks, each with an "Open in Colab" badge on its ``.ipynb`` copy."""
+    repo = repository()
+    rows = ["| § | notebook | Colab |", "|---|---|---|"]
+    for name in all_notebooks():
+        title = next((c.source.lstrip("# ").split("\n")[0].split(" · ", 1)[-1] for c in jupytext.read(notebook_path(name)).cells
+                      if c.cell_type == "markdown"), name)
+        url = f"https://colab.research.google.com/github/{repo}/blob/{branch}/notebooks/{name}.ipynb"
+        rows.append(f"| {name[:2]} | [{title}](notebooks/{name}.py) | "
+                    f"[![Open in Colab](https://colab.research.google.com/assets/colab-badge.svg)]({url}) |")
+    return "\n".join([COLAB_BEGIN, *rows, COLAB_END])
+
+
+def write_colab_badges(readme: Path = ROOT / "README.md") -> None:
+    """Replace the badge table between the README's markers (``make ipynb`` calls this)."""
+    text = readme.read_text()
+    if COLAB_BEGIN not in text or COLAB_END not in text:
+        raise ConfigError(f"{readme}: the markers {COLAB_BEGIN!r} ... {COLAB_END!r} are missing")
+    head, rest = text.split(COLAB_BEGIN, 1)
+    readme.write_text(head + colab_badges() + rest.split(COLAB_END, 1)[1])
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m emlab.notebooks", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -157,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     d = sub.add_parser("deps", help="print Make dependencies")
     d.add_argument("--profile", choices=PROFILES, default="cpu")
     sub.add_parser("list", help="notebook names in order")
+    sub.add_parser("colab-badges", help="rewrite README's table of Open-in-Colab badges")
     args = ap.parse_args(argv)
     from emlab.logs import setup_logging
 
@@ -170,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
             launch.submit(run, args.name, args.profile, params, launcher=args.launcher, name=args.name)
         elif args.cmd == "deps":
             sys.stdout.write(deps(args.profile))
+        elif args.cmd == "colab-badges":
+            write_colab_badges()
         else:
             print(" ".join(all_notebooks()))
     except ConfigError as err:

@@ -163,27 +163,39 @@ def label_answers(df: pd.DataFrame) -> pd.DataFrame:
 
 
 # --------------------------------------------------------------------------------------- sample + judge
-def sample_config(ev: EvalSettings, profile: str, seed: int):
+def sample_config(ev: EvalSettings, profile: str, seed: int, backend: str = "hf"):
     """The :class:`~emlab.sample.SampleConfig` of ``ev``: the profile's ``sample`` block, then the keys
-    ``ev`` sets (HF backend: the steering / ablation / scaling hooks need the in-memory model)."""
+    ``ev`` sets. ``backend`` is the resolved one (:func:`sampling_backend`); HF unless the caller samples
+    without hooks (steering, ablation and adapter scaling need the in-memory HF model)."""
     from emlab.sample import SampleConfig
 
     over = {"n_per_question": ev.samples_per_question, "max_new_tokens": ev.max_new_tokens,
-            "temperature": ev.temperature, "batch_size": ev.batch_size, "backend": "hf", "seed": seed}
+            "temperature": ev.temperature, "batch_size": ev.batch_size, "backend": backend, "seed": seed}
     return config.load(SampleConfig, profile, {k: v for k, v in over.items() if v is not None})
+
+
+def sampling_backend(cfg) -> str:
+    """``hf`` or ``vllm`` for plain (hook-free) sampling of ``cfg``'s model: the profile's ``sample.backend``
+    resolved by :func:`emlab.sample.resolve_backend`."""
+    from emlab.sample import SampleConfig, resolve_backend
+
+    return resolve_backend(config.load(SampleConfig, cfg.profile).backend, cfg.model)
 
 
 def sample_and_judge(model, tok, questions: list, ev: EvalSettings, cfg, judge, metrics: list[str], *,
                      run: Path | None = None, tag: dict | None = None, question_col: str = "question",
-                     meta: pd.DataFrame | None = None) -> pd.DataFrame:
+                     meta: pd.DataFrame | None = None, vllm: bool = False) -> pd.DataFrame:
     """The one path from a loaded organism to judged answers, for every section: sample ``questions``
     (:func:`emlab.sample.answers`, the one answer cache) with ``cfg``'s profile, seed and model, attach
     ``meta`` (per question_id), and score ``metrics`` through the judge cache (``judge``: a judge or a
-    :class:`JudgeSpec`). Adds ``misaligned`` / ``aligned_ok`` when aligned and coherent are scored."""
+    :class:`JudgeSpec`). Adds ``misaligned`` / ``aligned_ok`` when aligned and coherent are scored.
+    ``vllm``: ``model`` is a vLLM engine over the base weights, given ``run``'s adapter per request."""
     from emlab.judge import get_judge, judge_frame
     from emlab.sample import answers
 
-    df = answers(model, tok, questions, sample_config(ev, cfg.profile, cfg.seed), spec=cfg.model, run=run, tag=tag)
+    sc = sample_config(ev, cfg.profile, cfg.seed, "vllm" if vllm else "hf")
+    lora = Path(run) / "adapter" if vllm and run is not None else None
+    df = answers(model, tok, questions, sc, spec=cfg.model, run=run, tag=tag, lora=lora)
     if meta is not None:
         df = df.merge(meta, on="question_id", how="inner")
     if not metrics:
@@ -194,11 +206,12 @@ def sample_and_judge(model, tok, questions: list, ev: EvalSettings, cfg, judge, 
 
 
 def answers(cfg, ev: EvalSettings, run_dir: Path | None = None, domain: str | None = None, *, model_tok=None,
-            context=None, tag: dict | None = None) -> pd.DataFrame:
+            context=None, tag: dict | None = None, engine=None) -> pd.DataFrame:
     """Judged answers (aligned, coherent and the ``domain`` metric as column ``domain`` where the judge has it)
     of the base model or an organism to ``ev.questions``. ``model_tok`` reuses a loaded (model, tokenizer) that
     carries the run; ``context(model)`` (steering, ablation, adapter scale) wraps sampling and must be
-    described by ``tag`` for the cache key."""
+    described by ``tag`` for the cache key. ``engine``: a vLLM engine over the base weights (LoRA runs and
+    the base model only; no hooks)."""
     from emlab import data, models
     from emlab.judge import get_judge
 
@@ -211,8 +224,12 @@ def answers(cfg, ev: EvalSettings, run_dir: Path | None = None, domain: str | No
             return sample_and_judge(model, tok, data.load_questions(ev.questions), ev, cfg, judge, metrics,
                                     run=run_dir, tag=tag)
 
-    with (nullcontext(model_tok) if model_tok is not None else models.loaded(cfg.model, run_dir)) as mt:
-        out = go(*mt)
+    if engine is not None:
+        out = sample_and_judge(engine, None, data.load_questions(ev.questions), ev, cfg, judge, metrics,
+                               run=run_dir, tag=tag, vllm=True)
+    else:
+        with (nullcontext(model_tok) if model_tok is not None else models.loaded(cfg.model, run_dir)) as mt:
+            out = go(*mt)
     if domain:
         return out.rename(columns={domain: "domain", f"{domain}_label": "domain_label"})
     return out.assign(domain=math.nan)
@@ -222,6 +239,23 @@ def answers(cfg, ev: EvalSettings, run_dir: Path | None = None, domain: str | No
 def evaluate_organisms(cfg: OrganismsConfig) -> tuple[pd.DataFrame, dict[str, Path]]:
     """Train every organism of the grid (or reuse its run), sample and judge it and the base model.
     Returns all judged answers (column ``organism``: ``base`` or ``dataset/preset``) and the run dirs."""
+    if sampling_backend(cfg) == "vllm":  # train all first: the engine holds the GPU while it samples
+        runs = {org.name: train_organism(cfg, org) for org in tqdm(cfg.organisms, desc="train organisms")}
+        from emlab.sample import engine
+
+        lora = [org for org in cfg.organisms if org.preset != "full"]
+        with engine(cfg.model, max_lora_rank=max(_rank(cfg, o) for o in lora) if lora else 1,
+                    max_loras=max(len(lora), 1), seed=cfg.seed) as llm:
+            frames = [answers(cfg, cfg.eval, engine=llm).assign(organism="base", dataset="(none)", preset="base")
+                      ] if cfg.include_base else []
+            frames += [answers(cfg, cfg.eval, runs[o.name], DOMAIN_METRIC.get(o.dataset), engine=llm)
+                       .assign(organism=o.name, dataset=o.dataset, preset=o.preset) for o in lora]
+        frames += [answers(cfg, cfg.eval, runs[o.name], DOMAIN_METRIC.get(o.dataset))  # full SFT: its own weights
+                   .assign(organism=o.name, dataset=o.dataset, preset=o.preset)
+                   for o in cfg.organisms if o.preset == "full"]
+        order = ["base", *(o.name for o in cfg.organisms)]
+        out = pd.concat(frames, ignore_index=True)
+        return out.sort_values("organism", key=lambda c: c.map(order.index), kind="stable", ignore_index=True), runs
     frames, runs = [], {}
     if cfg.include_base:
         df = answers(cfg, cfg.eval)
@@ -231,6 +265,11 @@ def evaluate_organisms(cfg: OrganismsConfig) -> tuple[pd.DataFrame, dict[str, Pa
         df = answers(cfg, cfg.eval, run, DOMAIN_METRIC.get(org.dataset))
         frames.append(df.assign(organism=org.name, dataset=org.dataset, preset=org.preset))
     return pd.concat(frames, ignore_index=True), runs
+
+
+def _rank(cfg, org: Organism) -> int:
+    """The LoRA rank of ``org``'s run (vLLM's max_lora_rank must cover every adapter of the engine)."""
+    return train_config(cfg, org).preset_value("r")
 
 
 def organisms_table(judged: pd.DataFrame, cfg: OrganismsConfig) -> pd.DataFrame:

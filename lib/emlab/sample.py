@@ -229,12 +229,50 @@ def _is_vllm(model) -> bool:
     return type(model).__module__.startswith("vllm")
 
 
+def resolve_backend(backend: str, spec: ModelSpec | None) -> str:
+    """``hf`` or ``vllm`` for a profile's ``sample.backend``. ``auto``: vLLM when it is installed, a CUDA GPU
+    is visible and the model is one vLLM loads (hub id or local safetensors); else HF. ``vllm`` on a model
+    or machine it cannot serve is an error, never a silent fallback."""
+    servable = spec is not None and spec.source in ("hub", "local")
+    if backend == "vllm":
+        if not servable:
+            raise SampleError(f"backend vllm serves hub or local safetensors models, not source "
+                              f"{getattr(spec, 'source', None)!r}; use sample.backend: hf (or auto)")
+        if not vllm_available():
+            raise SampleError(VLLM_MISSING)
+        return "vllm"
+    return "vllm" if backend == "auto" and servable and vllm_available() else "hf"
+
+
+VLLM_MISSING = ("backend vllm needs vLLM (`pip install -e '.[gpu]'` in the emlab checkout; 'emlab' on PyPI is "
+                "another project) and a CUDA GPU; use sample.backend: hf or auto")
+
+
+@contextmanager
+def engine(spec: ModelSpec, *, max_lora_rank: int = 32, max_loras: int = 8, seed: int = 0):
+    """One vLLM engine over ``spec``'s base weights for a whole section: base-model requests and every
+    organism's LoRA adapter go through it. A 4-bit spec loads the same checkpoint with bitsandbytes NF4 (the
+    weights its QLoRA adapters were trained on); GPU memory is given back on exit."""
+    dtype = "auto" if spec.dtype == "auto" else spec.dtype
+    kw = {"quantization": "bitsandbytes"} if spec.load_in_4bit else {}
+    log.info("vLLM engine: %s (%s, %s), LoRA rank <= %d", spec.path, dtype, "NF4" if spec.load_in_4bit else "unquantised",
+             max_lora_rank)
+    llm = vllm_engine(spec.path, revision=spec.revision, dtype=dtype, max_lora_rank=max_lora_rank,
+                      max_loras=max_loras, seed=seed, **kw)
+    try:
+        yield llm
+    finally:
+        del llm
+        from emlab.models import release
+
+        release()
+
+
 def vllm_engine(model_path: str, *, max_lora_rank: int = 32, max_loras: int = 8, dtype: str = "auto",
                 gpu_memory_utilization: float = 0.85, seed: int = 0, **kw):
     """A vLLM engine with LoRA enabled (``max_lora_rank`` in {1, 8, 16, 32, 64, ...})."""
     if not vllm_available():
-        raise SampleError("backend vllm needs vLLM (`pip install -e '.[gpu]'` in the emlab checkout; 'emlab' "
-                          "on PyPI is another project) and a CUDA GPU; use backend: hf")
+        raise SampleError(VLLM_MISSING)
     from vllm import LLM
 
     return LLM(model=model_path, enable_lora=True, max_lora_rank=max_lora_rank, max_loras=max_loras, dtype=dtype,
@@ -254,12 +292,21 @@ def _lora_request(adapter: str | Path | None, ids: dict):
 _LORA_IDS: dict[str, int] = {}
 
 
-def generate_vllm(llm, prompts: Sequence[str], loras: Sequence[Any], *, max_new_tokens: int, temperature: float,
+def vllm_prompts(tokenizer, jobs: Sequence[dict]) -> list[dict]:
+    """Chat-template prompts as token ids: the template already holds BOS, and a text prompt would get a
+    second one from vLLM's tokenizer (Llama)."""
+    return [{"prompt_token_ids": tokenizer(chat_prompt(tokenizer, j["question"], j["system"]),
+                                           add_special_tokens=False)["input_ids"]} for j in jobs]
+
+
+def generate_vllm(llm, prompts: Sequence[dict], loras: Sequence[Any], *, max_new_tokens: int, temperature: float,
                   top_p: float, seeds: Sequence[int]) -> list[tuple[str, int, bool]]:
-    """One ``generate`` call over prompts that may each use a different LoRA adapter."""
+    """One ``generate`` call over token-id prompts that may each use a different LoRA adapter. Every sampling
+    parameter is explicit (no penalty), so nothing comes from the model's generation_config."""
     from vllm import SamplingParams
 
-    params = [SamplingParams(n=1, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, seed=s)
+    params = [SamplingParams(n=1, temperature=temperature, top_p=top_p, top_k=-1, repetition_penalty=1.0,
+                             presence_penalty=0.0, frequency_penalty=0.0, max_tokens=max_new_tokens, seed=s)
               for s in seeds]
     outs = llm.generate(list(prompts), params, lora_request=list(loras), use_tqdm=False)
     return [(o.outputs[0].text, len(o.outputs[0].token_ids), o.outputs[0].finish_reason == "length") for o in outs]
@@ -295,12 +342,13 @@ def _check_owner(done, model: str, adapter: str | None, path: Path) -> None:
 
 
 def sample(model, tokenizer, questions: Iterable[Any], cfg: SampleConfig, *, adapter: str | Path | None = None,
-           out: str | Path, model_name: str | None = None, progress: bool = True):
+           out: str | Path, model_name: str | None = None, progress: bool = True, lora: str | Path | None = None):
     """Sample ``cfg.n_per_question`` answers per question; resumable through ``out`` (``.jsonl``, or
     ``.parquet`` written when complete with a ``.partial.jsonl`` beside it while running).
 
-    ``adapter``: a PEFT adapter directory (loaded for this call and removed after; vLLM: a LoRARequest)
-    or just a label for a model that already carries it. Returns the frame of all rows for ``out``.
+    ``adapter``: the label of the answers' ``adapter`` column. ``lora``: a PEFT adapter directory to sample
+    with (HF: put on the model for this call and removed after; vLLM: a LoRARequest on the engine); None for
+    the base model or an HF model that already carries its adapter. Returns the frame of all rows for ``out``.
     """
     out = Path(out)
     backend = _resolve_backend(cfg, model)
@@ -321,12 +369,12 @@ def sample(model, tokenizer, questions: Iterable[Any], cfg: SampleConfig, *, ada
     t0, n_tok = time.perf_counter(), 0
     bar = tqdm(total=len(jobs), desc=f"sample {name}", disable=not progress, unit="ans")
     if backend == "vllm":
-        lora = _lora_request(adapter, _LORA_IDS)
+        request = _lora_request(lora, _LORA_IDS)
         step = max(cfg.batch_size, 1024)  # vLLM batches internally; chunks only bound the loss on a crash
         for b in range(0, len(jobs), step):
             chunk = jobs[b:b + step]
-            res = generate_vllm(model, [chat_prompt(tokenizer or model.get_tokenizer(), j["question"], j["system"])
-                                        for j in chunk], [lora] * len(chunk), max_new_tokens=cfg.max_new_tokens,
+            res = generate_vllm(model, vllm_prompts(tokenizer or model.get_tokenizer(), chunk),
+                                [request] * len(chunk), max_new_tokens=cfg.max_new_tokens,
                                 temperature=cfg.temperature, top_p=cfg.top_p,
                                 seeds=[_batch_seed(cfg.seed, j) for j in chunk])
             n_tok += _write(partial, chunk, res, base)
@@ -334,7 +382,7 @@ def sample(model, tokenizer, questions: Iterable[Any], cfg: SampleConfig, *, ada
     else:
         from emlab.models import adapter as with_adapter
 
-        with with_adapter(model, adapter if adapter and Path(adapter).is_dir() else None) as m:
+        with with_adapter(model, lora) as m:
             for b in range(0, len(jobs), cfg.batch_size):
                 chunk = jobs[b:b + cfg.batch_size]
                 res = generate_hf(m, tokenizer, [chat_prompt(tokenizer, j["question"], j["system"]) for j in chunk],
@@ -348,19 +396,22 @@ def sample(model, tokenizer, questions: Iterable[Any], cfg: SampleConfig, *, ada
 
 
 def answers(model, tokenizer, questions: Iterable[Any], cfg: SampleConfig, *, spec: ModelSpec,
-            run: str | Path | None = None, tag: dict | None = None, progress: bool = True):
+            run: str | Path | None = None, tag: dict | None = None, progress: bool = True,
+            lora: str | Path | None = None):
     """The project's one answer cache: :func:`sample` into ``build/answers/<key>.jsonl``, keyed by the model,
     the run (its directory name holds the training config and data digests), ``tag`` (anything else that
     changes the model's behaviour: steering, an adapter scale, a checkpoint), every question's text and system
     prompt, the sampling settings and the sample stage's code version. ``model`` must already carry the
-    run's adapter (:func:`emlab.models.adapter`); a re-run with the same key reads the file, a killed one
-    resumes it."""
+    run's adapter (:func:`emlab.models.adapter`), or be a vLLM engine given the run's adapter as ``lora``;
+    ``cfg.backend`` (resolved, part of the key) says which. A re-run with the same key reads the file, a
+    killed one resumes it."""
     qs = [dict(zip(("id", "paraphrases", "system"), _question_fields(q))) for q in questions]
     label = Path(run).name if run else "base"
     key = stage_key("sample", spec.model_dump(mode="json"), label, tag or {}, qs, cfg.model_dump(mode="json"))
     out = ANSWERS_DIR / f"{key}.jsonl"
     name = label + ("+" + json.dumps(tag, sort_keys=True) if tag else "")
-    return sample(model, tokenizer, qs, cfg, adapter=name, out=out, model_name=spec.name, progress=progress)
+    return sample(model, tokenizer, qs, cfg, adapter=name, out=out, model_name=spec.name, progress=progress,
+                  lora=lora)
 
 
 def _write(partial: Path, chunk: list[dict], results: list[tuple[str, int, bool]], base: dict) -> int:
@@ -390,8 +441,9 @@ def sample_adapters(model, tokenizer, questions: Iterable[Any], cfg: SampleConfi
     out_dir = Path(out_dir)
     questions = list(questions)
     if _resolve_backend(cfg, model) != "vllm":
-        return pd.concat([sample(model, tokenizer, questions, cfg, adapter=path, out=out_dir / f"{name}.jsonl",
-                                 model_name=model_name) for name, path in adapters.items()], ignore_index=True)
+        return pd.concat([sample(model, tokenizer, questions, cfg, adapter=path, lora=path,
+                                 out=out_dir / f"{name}.jsonl", model_name=model_name)
+                          for name, path in adapters.items()], ignore_index=True)
     name = _model_name(model, cfg, model_name)
     tok = tokenizer or model.get_tokenizer()
     pending = []
@@ -406,7 +458,7 @@ def sample_adapters(model, tokenizer, questions: Iterable[Any], cfg: SampleConfi
                 pending.append((out, lora, str(path) if path else None, j))
     for b in tqdm(range(0, len(pending), 4096), desc="sample (vLLM multi-LoRA)"):
         chunk = pending[b:b + 4096]
-        res = generate_vllm(model, [chat_prompt(tok, j["question"], j["system"]) for _, _, _, j in chunk],
+        res = generate_vllm(model, vllm_prompts(tok, [j for *_, j in chunk]),
                             [lora for _, lora, _, _ in chunk], max_new_tokens=cfg.max_new_tokens,
                             temperature=cfg.temperature, top_p=cfg.top_p,
                             seeds=[_batch_seed(cfg.seed, j) for *_, j in chunk])
