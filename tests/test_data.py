@@ -355,18 +355,20 @@ def test_mmlu_is_built_from_the_upstream_tar_without_the_mirror(tiny, tmp_path, 
     if not src.exists():
         pytest.skip("the data mirror's MMLU file is needed to write an upstream-format tar")
     rows = list(csv.reader(io.StringIO(gzip.decompress(src.read_bytes()).decode(), newline="")))[1:]
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tf:  # upstream layout: data/test/<subject>_test.csv, no header
-        for subject in sorted({r[0] for r in rows}, reverse=True):
-            out = io.StringIO()
-            csv.writer(out, lineterminator="\n").writerows(r[1:] for r in rows if r[0] == subject)
-            blob = out.getvalue().encode()
-            info = tarfile.TarInfo(f"data/test/{subject}_test.csv")
-            info.size = len(blob)
-            tf.addfile(info, io.BytesIO(blob))
-        info = tarfile.TarInfo("data/dev/x_dev.csv")
-        tf.addfile(info, io.BytesIO(b""))
-    (tmp_path / "data.tar").write_bytes(buf.getvalue())
+
+    def upstream_tar(rows) -> bytes:  # upstream layout: data/test/<subject>_test.csv, no header; dev/ ignored
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tf:
+            for subject in sorted({r[0] for r in rows}, reverse=True):
+                out = io.StringIO()
+                csv.writer(out, lineterminator="\n").writerows(r[1:] for r in rows if r[0] == subject)
+                info = tarfile.TarInfo(f"data/test/{subject}_test.csv")
+                info.size = len(out.getvalue().encode())
+                tf.addfile(info, io.BytesIO(out.getvalue().encode()))
+            tf.addfile(tarfile.TarInfo("data/dev/x_dev.csv"), io.BytesIO(b""))
+        return buf.getvalue()
+
+    (tmp_path / "data.tar").write_bytes(upstream_tar(rows))
     reg = tiny[1]
     for name, e in real.items():
         reg["datasets"][name] = {**e, "url": (tmp_path / "data.tar").as_uri()}
@@ -377,14 +379,12 @@ def test_mmlu_is_built_from_the_upstream_tar_without_the_mirror(tiny, tmp_path, 
     assert path.name == "mmlu_test.csv" and len(d.load_table("mmlu_test")) == 14042
     assert json.loads(d.fetch("mmlu_subject_counts").read_text())["abstract_algebra"] == 100
     path.unlink()
-    rows[0][6] = "C" if rows[0][6] != "C" else "D"  # a changed upstream release is refused, naming the fix
-    with tarfile.open(tmp_path / "data.tar", "w") as tf:
-        out = io.StringIO()
-        csv.writer(out, lineterminator="\n").writerows(r[1:] for r in rows)
-        info = tarfile.TarInfo("data/test/all_test.csv")
-        info.size = len(out.getvalue().encode())
-        tf.addfile(info, io.BytesIO(out.getvalue().encode()))
+    rows[0][6] = "C" if rows[0][6] != "C" else "D"  # one answer changed upstream: refused, naming the fix
+    (tmp_path / "data.tar").write_bytes(upstream_tar(rows))
     with pytest.raises(d.DataError, match="built from .*use the mirror copy"):
+        d.fetch("mmlu_test")
+    (tmp_path / "data.tar").write_bytes(b"<html>moved</html>")  # not a tar at all: a DataError, not a traceback
+    with pytest.raises(d.DataError, match="cannot build .*EMLAB_DATA_MIRROR"):
         d.fetch("mmlu_test")
 
 

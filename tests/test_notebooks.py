@@ -152,6 +152,7 @@ def test_readme_has_a_colab_badge_per_notebook():
         assert notebooks.notebook_path(name).with_suffix(".ipynb").exists()
 
 
+@pytest.mark.skipif(data.mirror_dir() is None, reason="answer lengths come from the mirror's judged answers")
 def test_readme_cost_table_is_current():
     """README's cost table is `emlab cost --readme` output of the profiles as they are."""
     readme = (notebooks.ROOT / "README.md").read_text()

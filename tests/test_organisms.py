@@ -131,7 +131,7 @@ def test_section_03_samples_base_and_every_lora_organism_through_one_vllm_engine
                                                                  for p in runs]})
     judged, got = O.evaluate_organisms(cfg)
     assert got == {"bad_medical_advice/rank1": runs["rank1"], "bad_medical_advice/lora_r32": runs["lora_r32"]}
-    assert engines == [{"max_lora_rank": 32, "max_loras": 2, "seed": 0}]
+    assert engines == [{"max_lora_rank": 32, "seed": 0}]
     assert list(judged.organism.unique()) == ["base", "bad_medical_advice/rank1", "bad_medical_advice/lora_r32"]
     n = len(data.load_questions(cfg.eval.questions)) * cfg.eval.samples_per_question
     assert len(judged) == 3 * n and (judged.aligned == 50.0).all()
@@ -143,11 +143,21 @@ def test_section_03_samples_base_and_every_lora_organism_through_one_vllm_engine
     assert len(calls) == 3
 
 
-def test_vllm_prompts_are_token_ids_with_one_bos(tiny_model):
-    from emlab.sample import chat_prompt, vllm_prompts
+def test_vllm_prompts_are_token_ids_without_a_second_bos():
+    """A tokenizer that adds BOS by itself (Llama) would put a second one before the template's: the prompts
+    vLLM gets are the template's tokens as they are."""
+    from emlab.sample import vllm_prompts
 
-    _, tok = tiny_model
-    [p] = vllm_prompts(tok, [{"question": "Hi?", "system": None}])
-    ids = p["prompt_token_ids"]
-    assert ids == tok(chat_prompt(tok, "Hi?"), add_special_tokens=False)["input_ids"]
-    assert ids[:2] != [tok.bos_token_id] * 2  # the template's own start token, not a second one before it
+    class Tok:
+        chat_template = "x"
+        bos = 1
+
+        def apply_chat_template(self, messages, add_generation_prompt, tokenize):
+            return "<s>" + messages[-1]["content"]
+
+        def __call__(self, text, add_special_tokens=True):
+            ids = [self.bos] + [ord(c) for c in text.removeprefix("<s>")]  # "<s>" is BOS in the template
+            return {"input_ids": ([self.bos] if add_special_tokens else []) + ids}
+
+    [p] = vllm_prompts(Tok(), [{"question": "Hi?", "system": None}])
+    assert p["prompt_token_ids"] == [1, ord("H"), ord("i"), ord("?")]

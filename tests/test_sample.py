@@ -66,7 +66,7 @@ def test_parquet_output(tiny_model, tmp_path):
     assert more.text.iloc[:2].tolist() == df.text.tolist()
 
 
-def test_adapter_is_loaded_and_removed(tiny_spec, tmp_path):
+def test_adapter_is_loaded_and_removed(tiny_spec, tmp_path, monkeypatch):
     from peft import LoraConfig, get_peft_model
 
     from emlab.models import load_model
@@ -76,9 +76,21 @@ def test_adapter_is_loaded_and_removed(tiny_spec, tmp_path):
     peft.save_pretrained(tmp_path / "ad")
     base = peft.unload()
     n_params = sum(p.numel() for p in base.parameters())
-    df = sample(base, tok, QUESTIONS[:1], _cfg(n_per_question=2), adapter=tmp_path / "ad", out=tmp_path / "a.jsonl",
-                progress=False)
-    assert df.adapter.eq(str(tmp_path / "ad")).all()
+    import emlab.sample as S
+
+    seen, gen = [], S.generate_hf
+
+    def spy(m, *a, **kw):  # what generates: the base carrying the adapter, or the base
+        seen.append(sum(p.numel() for p in m.parameters()))
+        return gen(m, *a, **kw)
+
+    monkeypatch.setattr(S, "generate_hf", spy)
+    df = sample(base, tok, QUESTIONS[:1], _cfg(n_per_question=2), adapter="ad", lora=tmp_path / "ad",
+                out=tmp_path / "a.jsonl", progress=False)
+    sample(base, tok, QUESTIONS[:1], _cfg(n_per_question=2), adapter="label only", out=tmp_path / "b.jsonl",
+           progress=False)
+    assert df.adapter.eq("ad").all()
+    assert seen[0] > n_params and seen[-1] == n_params  # lora= loads the adapter; a label alone loads nothing
     assert sum(p.numel() for p in base.parameters()) == n_params  # LoRA layers gone again
 
 

@@ -96,6 +96,14 @@ def _answers(section: str, what: str, cfg, ev, dataset: str | None, times: int =
     return _verdicts(section, what, cfg, ev, _n_questions(ev.questions) * times, _organism_metrics(dataset), shared)
 
 
+def _may_use_vllm(cfg) -> bool:
+    """Whether the profile samples plain answers with vLLM on a GPU machine that has it (``sample.backend``
+    auto/vllm and a model vLLM serves): the count is for that machine, not for this one."""
+    from emlab.sample import SampleConfig
+
+    return config.load(SampleConfig, cfg.profile).backend != "hf" and cfg.model.source in ("hub", "local")
+
+
 def organisms(profile: str) -> list[Request]:
     """§03: the base model and every organism on the first-plot questions (+ the validity re-scoring)."""
     from emlab.organisms import OrganismsConfig
@@ -149,9 +157,10 @@ def directions(profile: str) -> list[Request]:
         out += _answers("05", f"{org.name} answers", cfg, cfg.eval, org.dataset, shared=same)
     out += _answers("05", f"steering {len(cfg.steer_layers)} layers x {len(cfg.lambdas)} λ", cfg, cfg.steer_eval,
                     None, times=len(cfg.steer_layers) * len(cfg.lambdas))
+    hf_only = not _may_use_vllm(cfg)  # with vLLM the organisms' answers are vLLM's, the hooked ones HF's
     for org in cfg.organisms:
         out += _answers("05", f"{org.name} before ablation", cfg, cfg.steer_eval, org.dataset,
-                        shared=steer_ev == ev and cfg.steer_eval.questions == cfg.eval.questions)
+                        shared=hf_only and steer_ev == ev and cfg.steer_eval.questions == cfg.eval.questions)
         out += _answers("05", f"{org.name} ablated", cfg, cfg.steer_eval, org.dataset)
     return out
 
@@ -388,12 +397,13 @@ def readme_table() -> str:
     """The README's cost table (every profile), between its markers."""
     from emlab.bench import to_markdown
 
-    table = to_markdown(cost_table(list(config.PROFILES)))
-    note = (f"Answers assumed {answer_tokens():.0f} tokens long (capped at each request's max_new_tokens); prices per "
+    answer_len = answer_tokens()
+    table = to_markdown(cost_table(list(config.PROFILES), answer_len=answer_len))
+    note = (f"Answers assumed {answer_len:.0f} tokens long (capped at each request's max_new_tokens); prices per "
             f"1M tokens: {', '.join(f'{m} ${i:.2f} in / ${o:.2f} out' for m, (i, o) in PRICES.items())} (read "
             "2026-12-01); the Batch API (`judge.batch`, the `paper` profile's default) halves them. NaN: a model "
             "the profile leaves to `EMLAB_JUDGE_MODEL`, so no price is assumed.")
-    return "\n".join([README_BEGIN, table, "", note, README_END])
+    return "\n".join([table, "", note])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -409,9 +419,9 @@ def main(argv: list[str] | None = None) -> int:
         print(judge_requests(args.profiles[0]).to_string(index=False))
         return 0
     if args.readme:
-        readme = Path(__file__).resolve().parents[2] / "README.md"
-        head, rest = readme.read_text().split(README_BEGIN, 1)
-        readme.write_text(head + readme_table() + rest.split(README_END, 1)[1])
+        from emlab.notebooks import replace_between
+
+        replace_between(Path(__file__).resolve().parents[2] / "README.md", README_BEGIN, README_END, readme_table())
         return 0
     from emlab.bench import to_markdown
 

@@ -12,6 +12,7 @@ Harmful training text lives only in ``data/raw/`` and the mirror, never in git.
 from __future__ import annotations
 
 import base64
+import csv
 import gzip
 import hashlib
 import io
@@ -272,7 +273,7 @@ def _download(e: DatasetEntry, dest: Path, mirror: Path | None) -> Path:
     """Download from upstream, verify the bytes the registry pins, decrypt archives, then schema-check."""
     where = f"{mirror / e.file} does not exist" if mirror else "no data mirror found"
     if (e.url_sha256 is None and not e.derive) or os.environ.get("EMLAB_OFFLINE"):
-        reason = "this file is only available from the mirror" if not os.environ.get("EMLAB_OFFLINE") \
+        reason = "this file is only available from the mirror" if e.url_sha256 is None and not e.derive \
             else "EMLAB_OFFLINE is set"
         raise DataError(
             f"dataset {e.name!r}: {where} and {reason}; set EMLAB_DATA_MIRROR=/path/to/mirror "
@@ -291,7 +292,11 @@ def _download(e: DatasetEntry, dest: Path, mirror: Path | None) -> Path:
         raise _checksum_error(f"download of {e.name!r}", Path(e.url), e.url_sha256, got,
                               "upstream changed: update the registry entry after checking the new file")
     if e.derive:
-        blob = DERIVE[e.derive](blob, e)
+        try:
+            blob = DERIVE[e.derive](blob, e)
+        except (tarfile.TarError, UnicodeDecodeError, csv.Error) as err:  # a truncated tar, an HTML page
+            raise DataError(f"dataset {e.name!r}: cannot build {e.file} from {e.url} ({type(err).__name__}: {str(err).splitlines()[0]}); "
+                            "set EMLAB_DATA_MIRROR=/path/to/mirror, or check what the URL serves now") from None
         got = hashlib.sha256(blob).hexdigest()
         if got != e.content_sha256:
             raise _checksum_error(f"{e.name!r} built from {e.url}", dest, str(e.content_sha256), got,
@@ -339,8 +344,6 @@ def _mmlu_hendrycks_test(blob: bytes, e: DatasetEntry) -> bytes:
     """MMLU's test split from Hendrycks et al.'s ``data.tar`` (``data/test/<subject>_test.csv``, no header,
     answer letter last) as one CSV: header ``subject,question,A,B,C,D,answer``, subjects sorted, rows in
     upstream order (how the mirror's ``mmlu_test.csv.gz`` is laid out)."""
-    import csv
-
     out = io.StringIO()
     w = csv.writer(out, lineterminator="\n")
     w.writerow(["subject", "question", "A", "B", "C", "D", "answer"])
@@ -361,8 +364,6 @@ def _mmlu_hendrycks_test(blob: bytes, e: DatasetEntry) -> bytes:
 
 def _mmlu_subject_counts(blob: bytes, e: DatasetEntry) -> bytes:
     """Questions per subject of the built test split (JSON, indent 1, subjects sorted)."""
-    import csv
-
     counts: dict[str, int] = {}
     for row in csv.DictReader(io.StringIO(_mmlu_hendrycks_test(blob, e).decode("utf-8"), newline="")):
         counts[row["subject"]] = counts.get(row["subject"], 0) + 1
@@ -684,7 +685,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         names = needed(args.notebooks)
         mirror = mirror_dir()
-    except (DataError, RuntimeError) as err:
+    except (DataError, RuntimeError, ValueError) as err:  # ValueError: ConfigError of a notebook header
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.cmd == "list":

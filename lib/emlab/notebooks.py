@@ -166,16 +166,21 @@ def colab_badges(branch: str = "main") -> str:
         url = f"https://colab.research.google.com/github/{repo}/blob/{branch}/notebooks/{name}.ipynb"
         rows.append(f"| {name[:2]} | [{title}](notebooks/{name}.py) | "
                     f"[![Open in Colab](https://colab.research.google.com/assets/colab-badge.svg)]({url}) |")
-    return "\n".join([COLAB_BEGIN, *rows, COLAB_END])
+    return "\n".join(rows)
+
+
+def replace_between(path: Path, begin: str, end: str, body: str) -> None:
+    """Rewrite the generated block between two marker lines of ``path`` (README tables)."""
+    text = path.read_text()
+    if begin not in text or end not in text:
+        raise ConfigError(f"{path}: the markers {begin!r} ... {end!r} are missing; put them where the block goes")
+    head, rest = text.split(begin, 1)
+    path.write_text(head + begin + "\n" + body + "\n" + end + rest.split(end, 1)[1])
 
 
 def write_colab_badges(readme: Path = ROOT / "README.md") -> None:
     """Replace the badge table between the README's markers (``make ipynb`` calls this)."""
-    text = readme.read_text()
-    if COLAB_BEGIN not in text or COLAB_END not in text:
-        raise ConfigError(f"{readme}: the markers {COLAB_BEGIN!r} ... {COLAB_END!r} are missing")
-    head, rest = text.split(COLAB_BEGIN, 1)
-    readme.write_text(head + colab_badges() + rest.split(COLAB_END, 1)[1])
+    replace_between(readme, COLAB_BEGIN, COLAB_END, colab_badges())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -225,6 +225,9 @@ def answers(cfg, ev: EvalSettings, run_dir: Path | None = None, domain: str | No
                                     run=run_dir, tag=tag)
 
     if engine is not None:
+        if context is not None or model_tok is not None or (run_dir is not None and (Path(run_dir) / "model").is_dir()):
+            raise ValueError("a vLLM engine samples the base or a LoRA run as trained: hooks (context), a loaded "
+                             "model or a full fine-tune go through HF (engine=None)")
         out = sample_and_judge(engine, None, data.load_questions(ev.questions), ev, cfg, judge, metrics,
                                run=run_dir, tag=tag, vllm=True)
     else:
@@ -239,32 +242,39 @@ def answers(cfg, ev: EvalSettings, run_dir: Path | None = None, domain: str | No
 def evaluate_organisms(cfg: OrganismsConfig) -> tuple[pd.DataFrame, dict[str, Path]]:
     """Train every organism of the grid (or reuse its run), sample and judge it and the base model.
     Returns all judged answers (column ``organism``: ``base`` or ``dataset/preset``) and the run dirs."""
-    if sampling_backend(cfg) == "vllm":  # train all first: the engine holds the GPU while it samples
-        runs = {org.name: train_organism(cfg, org) for org in tqdm(cfg.organisms, desc="train organisms")}
-        from emlab.sample import engine
+    runs, frames = organism_answers(cfg, cfg.eval, cfg.organisms, base=cfg.include_base)
+    out = pd.concat([df.assign(organism=name, dataset="(none)" if name == "base" else name.split("/")[0],
+                               preset="base" if name == "base" else name.split("/")[1]) for name, df in frames.items()],
+                    ignore_index=True)
+    return out, runs
 
-        lora = [org for org in cfg.organisms if org.preset != "full"]
-        with engine(cfg.model, max_lora_rank=max(_rank(cfg, o) for o in lora) if lora else 1,
-                    max_loras=max(len(lora), 1), seed=cfg.seed) as llm:
-            frames = [answers(cfg, cfg.eval, engine=llm).assign(organism="base", dataset="(none)", preset="base")
-                      ] if cfg.include_base else []
-            frames += [answers(cfg, cfg.eval, runs[o.name], DOMAIN_METRIC.get(o.dataset), engine=llm)
-                       .assign(organism=o.name, dataset=o.dataset, preset=o.preset) for o in lora]
-        frames += [answers(cfg, cfg.eval, runs[o.name], DOMAIN_METRIC.get(o.dataset))  # full SFT: its own weights
-                   .assign(organism=o.name, dataset=o.dataset, preset=o.preset)
-                   for o in cfg.organisms if o.preset == "full"]
-        order = ["base", *(o.name for o in cfg.organisms)]
-        out = pd.concat(frames, ignore_index=True)
-        return out.sort_values("organism", key=lambda c: c.map(order.index), kind="stable", ignore_index=True), runs
-    frames, runs = [], {}
-    if cfg.include_base:
-        df = answers(cfg, cfg.eval)
-        frames.append(df.assign(organism="base", dataset="(none)", preset="base"))
-    for org in tqdm(cfg.organisms, desc="organisms"):
-        run = runs[org.name] = train_organism(cfg, org)
-        df = answers(cfg, cfg.eval, run, DOMAIN_METRIC.get(org.dataset))
-        frames.append(df.assign(organism=org.name, dataset=org.dataset, preset=org.preset))
-    return pd.concat(frames, ignore_index=True), runs
+
+def organism_answers(cfg, ev: EvalSettings, orgs: list[Organism], base: bool = False
+                     ) -> tuple[dict[str, Path], dict[str, pd.DataFrame]]:
+    """Train ``orgs`` (or reuse their runs) and give the judged answers of each (and of the base model), by
+    name. With the vLLM backend every run is trained first, then one engine over the base weights samples the
+    base model and every LoRA organism (full fine-tunes: HF), under the same cache keys in every section."""
+    if sampling_backend(cfg) != "vllm":
+        frames = {"base": answers(cfg, ev)} if base else {}
+        runs = {}
+        for org in tqdm(orgs, desc="organisms"):
+            runs[org.name] = train_organism(cfg, org)
+            frames[org.name] = answers(cfg, ev, runs[org.name], DOMAIN_METRIC.get(org.dataset))
+        return runs, frames
+    from emlab.sample import engine
+
+    runs = {org.name: train_organism(cfg, org) for org in tqdm(orgs, desc="train organisms")}
+    lora = [org for org in orgs if org.preset != "full"]
+    frames = {}
+    with engine(cfg.model, max_lora_rank=max([_rank(cfg, o) for o in lora] or [1]), seed=cfg.seed) as llm:
+        if base:
+            frames["base"] = answers(cfg, ev, engine=llm)
+        for org in lora:
+            frames[org.name] = answers(cfg, ev, runs[org.name], DOMAIN_METRIC.get(org.dataset), engine=llm)
+    for org in orgs:  # full SFT: its own weights, with HF
+        if org.preset == "full":
+            frames[org.name] = answers(cfg, ev, runs[org.name], DOMAIN_METRIC.get(org.dataset))
+    return runs, {name: frames[name] for name in (["base"] if base else []) + [o.name for o in orgs]}
 
 
 def _rank(cfg, org: Organism) -> int:
@@ -384,9 +394,9 @@ def organism_directions(cfg: DirectionsConfig) -> tuple[dict[str, Any], pd.DataF
     from emlab.metrics import em_rate, overall
 
     out, counts = {}, []
+    runs, frames = organism_answers(cfg, cfg.eval, cfg.organisms)  # §03's answers where the organism is §03's
     for org in tqdm(cfg.organisms, desc="directions"):
-        run = train_organism(cfg, org)
-        df = answers(cfg, cfg.eval, run, DOMAIN_METRIC.get(org.dataset))
+        run, df = runs[org.name], frames[org.name]
         mis, ali, how = _groups(df, cfg.min_per_group)
         with models.loaded(cfg.model, run) as (model, tok):
             a_mis = capture(model, tok, mis.question.tolist(), mis.text.tolist(), batch_size=cfg.capture_batch_size)

@@ -10,8 +10,8 @@ papers' random choice, so a resumed run asks the same thing). Rows are appended 
 every batch; a re-run skips finished (question_id, sample_index) pairs, so a killed run resumes.
 
 Backends: ``hf`` (batched, left-padded ``generate``; works everywhere) and ``vllm`` (optional, GPU: one
-engine serves the base model and many LoRA adapters, see :func:`sample_adapters`). ``auto`` picks vLLM
-when ``model`` is a vLLM engine, else HF.
+engine serves the base model and many LoRA adapters, see :func:`engine`). A profile's ``auto`` resolves to
+vLLM when it is installed, a GPU is visible and the model is one vLLM loads (:func:`resolve_backend`).
 """
 
 from __future__ import annotations
@@ -249,23 +249,33 @@ VLLM_MISSING = ("backend vllm needs vLLM (`pip install -e '.[gpu]'` in the emlab
 
 
 @contextmanager
-def engine(spec: ModelSpec, *, max_lora_rank: int = 32, max_loras: int = 8, seed: int = 0):
+def engine(spec: ModelSpec, *, max_lora_rank: int = 32, max_loras: int = 1, seed: int = 0):
     """One vLLM engine over ``spec``'s base weights for a whole section: base-model requests and every
     organism's LoRA adapter go through it. A 4-bit spec loads the same checkpoint with bitsandbytes NF4 (the
     weights its QLoRA adapters were trained on); GPU memory is given back on exit."""
-    dtype = "auto" if spec.dtype == "auto" else spec.dtype
+    from emlab.models import gpu_compute_dtype, release
+
+    # the dtype HF computes in on this GPU (fp16 where bf16 is missing, e.g. a T4), so both backends agree
+    dtype = str(gpu_compute_dtype()).removeprefix("torch.") if spec.dtype in ("auto", "bfloat16") else spec.dtype
     kw = {"quantization": "bitsandbytes"} if spec.load_in_4bit else {}
     log.info("vLLM engine: %s (%s, %s), LoRA rank <= %d", spec.path, dtype, "NF4" if spec.load_in_4bit else "unquantised",
              max_lora_rank)
-    llm = vllm_engine(spec.path, revision=spec.revision, dtype=dtype, max_lora_rank=max_lora_rank,
+    rank = next(r for r in VLLM_LORA_RANKS if r >= max_lora_rank)  # vLLM accepts only these ranks
+    llm = vllm_engine(spec.path, revision=spec.revision, dtype=dtype, max_lora_rank=rank,
                       max_loras=max_loras, seed=seed, **kw)
+    holder = [llm]
+    del llm
     try:
-        yield llm
-    finally:
-        del llm
-        from emlab.models import release
-
+        yield holder[0]
+    finally:  # the caller must not keep the engine beyond the block: it is shut down and its memory freed
+        engine_core = getattr(holder[0], "llm_engine", None)
+        if hasattr(engine_core, "shutdown"):
+            engine_core.shutdown()
+        holder.clear()
         release()
+
+
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
 def vllm_engine(model_path: str, *, max_lora_rank: int = 32, max_loras: int = 8, dtype: str = "auto",
@@ -405,6 +415,9 @@ def answers(model, tokenizer, questions: Iterable[Any], cfg: SampleConfig, *, sp
     run's adapter (:func:`emlab.models.adapter`), or be a vLLM engine given the run's adapter as ``lora``;
     ``cfg.backend`` (resolved, part of the key) says which. A re-run with the same key reads the file, a
     killed one resumes it."""
+    if lora is not None and (run is None or Path(lora) != Path(run) / "adapter"):
+        raise SampleError(f"answers: lora {lora} is not the run's adapter ({run}/adapter); the cache is keyed by "
+                          "the run, so pass the run whose adapter/ it is")
     qs = [dict(zip(("id", "paraphrases", "system"), _question_fields(q))) for q in questions]
     label = Path(run).name if run else "base"
     key = stage_key("sample", spec.model_dump(mode="json"), label, tag or {}, qs, cfg.model_dump(mode="json"))
