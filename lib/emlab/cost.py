@@ -31,8 +31,9 @@ from emlab import config
 
 log = logging.getLogger(__name__)
 
-# USD per 1M tokens (input, output), list prices of the OpenAI API pricing page, read 2026-12-01. A model
-# not listed here is priced as unknown (NaN), never guessed.
+# USD per 1M tokens (input, output): OpenAI's list prices as copies of platform.openai.com/docs/pricing dated
+# March-June 2026 give them (the page itself cannot be opened from this machine; one copy lists gpt-4.1-mini at
+# half these). A model not listed here is priced as unknown (NaN), never guessed.
 PRICES: dict[str, tuple[float, float]] = {
     "gpt-4o-2024-08-06": (2.50, 10.00),
     "gpt-4o": (2.50, 10.00),
@@ -400,8 +401,8 @@ def readme_table() -> str:
     answer_len = answer_tokens()
     table = to_markdown(cost_table(list(config.PROFILES), answer_len=answer_len))
     note = (f"Answers assumed {answer_len:.0f} tokens long (capped at each request's max_new_tokens); prices per "
-            f"1M tokens: {', '.join(f'{m} ${i:.2f} in / ${o:.2f} out' for m, (i, o) in PRICES.items())} (read "
-            "2026-12-01); the Batch API (`judge.batch`, the `paper` profile's default) halves them. NaN: a model "
+            f"1M tokens: {', '.join(f'{m} ${i:.2f} in / ${o:.2f} out' for m, (i, o) in PRICES.items())} (OpenAI's list "
+            "prices as copies of its pricing page dated March-June 2026 give them); the Batch API (`judge.batch`, the `paper` profile's default) halves them. NaN: a model "
             "the profile leaves to `EMLAB_JUDGE_MODEL`, so no price is assumed.")
     return "\n".join([table, "", note])
 
