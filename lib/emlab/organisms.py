@@ -194,8 +194,7 @@ def sample_and_judge(model, tok, questions: list, ev: EvalSettings, cfg, judge, 
     from emlab.sample import answers
 
     sc = sample_config(ev, cfg.profile, cfg.seed, "vllm" if vllm else "hf")
-    lora = Path(run) / "adapter" if vllm and run is not None else None
-    df = answers(model, tok, questions, sc, spec=cfg.model, run=run, tag=tag, lora=lora)
+    df = answers(model, tok, questions, sc, spec=cfg.model, run=run, tag=tag)
     if meta is not None:
         df = df.merge(meta, on="question_id", how="inner")
     if not metrics:

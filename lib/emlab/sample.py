@@ -406,18 +406,15 @@ def sample(model, tokenizer, questions: Iterable[Any], cfg: SampleConfig, *, ada
 
 
 def answers(model, tokenizer, questions: Iterable[Any], cfg: SampleConfig, *, spec: ModelSpec,
-            run: str | Path | None = None, tag: dict | None = None, progress: bool = True,
-            lora: str | Path | None = None):
+            run: str | Path | None = None, tag: dict | None = None, progress: bool = True):
     """The project's one answer cache: :func:`sample` into ``build/answers/<key>.jsonl``, keyed by the model,
     the run (its directory name holds the training config and data digests), ``tag`` (anything else that
     changes the model's behaviour: steering, an adapter scale, a checkpoint), every question's text and system
     prompt, the sampling settings and the sample stage's code version. ``model`` must already carry the
-    run's adapter (:func:`emlab.models.adapter`), or be a vLLM engine given the run's adapter as ``lora``;
-    ``cfg.backend`` (resolved, part of the key) says which. A re-run with the same key reads the file, a
-    killed one resumes it."""
-    if lora is not None and (run is None or Path(lora) != Path(run) / "adapter"):
-        raise SampleError(f"answers: lora {lora} is not the run's adapter ({run}/adapter); the cache is keyed by "
-                          "the run, so pass the run whose adapter/ it is")
+    run's adapter (:func:`emlab.models.adapter`), or be a vLLM engine over the base weights, which is given
+    ``run``'s adapter per request; ``cfg.backend`` (resolved, part of the key) says which. A re-run with the
+    same key reads the file, a killed one resumes it."""
+    lora = Path(run) / "adapter" if run is not None and _resolve_backend(cfg, model) == "vllm" else None
     qs = [dict(zip(("id", "paraphrases", "system"), _question_fields(q))) for q in questions]
     label = Path(run).name if run else "base"
     key = stage_key("sample", spec.model_dump(mode="json"), label, tag or {}, qs, cfg.model_dump(mode="json"))
