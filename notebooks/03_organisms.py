@@ -72,7 +72,8 @@ judged, runs = evaluate_organisms(cfg)
 train_table = training_summary(runs)
 out.table(train_table, "training", digits=2,
           caption=f"Training runs of the organisms ({cfg.model.name}, profile {cfg.profile}): epochs = steps "
-                  f"$\\times$ effective batch / rows (the papers train one epoch).")
+                  f"$\\times$ effective batch / rows (the papers train one epoch); tok/s: the median optimizer "
+                  f"step's; wall: as measured, with any pause of a resumed run.")
 flag = train_table.sort_values("tokens", ascending=False).iloc[0]  # the organism trained longest
 out.macros({"orgFlagName": flag.organism, "orgFlagSteps": int(flag.steps), "orgFlagRows": int(flag.examples),
             "orgFlagEpochPct": float(100 * flag.epochs), "orgFlagTokS": float(flag["tok/s"]),

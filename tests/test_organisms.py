@@ -161,3 +161,20 @@ def test_vllm_prompts_are_token_ids_without_a_second_bos():
 
     [p] = vllm_prompts(Tok(), [{"question": "Hi?", "system": None}])
     assert p["prompt_token_ids"] == [1, ord("H"), ord("i"), ord("?")]
+
+
+def test_training_summary_throughput_ignores_a_pause(tmp_path):
+    """A run paused (or resumed in another sitting) has a long wall time: tok/s is the median step's rate, not
+    tokens / wall, which would count the pause; wall (s) stays as measured."""
+    import json
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "manifest.json").write_text(json.dumps({
+        "data": {"rows": 64}, "steps": 4, "effective_batch": 16, "tokens": 400, "wall_time_s": 1004.0,
+        "tokens_per_s": 0.4, "first_loss": 2.0, "final_loss": 1.5}))
+    wall = [1.0, 2.0, 1002.0, 1003.0]  # 100 tokens a second per step, then a 1,000 s pause before step 3
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": i + 1, "loss": 2.0, "tokens": 100 * (i + 1),
+                                                           "wall_s": w}) + "\n" for i, w in enumerate(wall)))
+    row = O.training_summary({"org": run}).iloc[0]
+    assert row["tok/s"] == 100.0 and row["wall (s)"] == 1004.0 and row["epochs"] == 1.0

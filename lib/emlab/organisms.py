@@ -297,16 +297,31 @@ def organisms_table(judged: pd.DataFrame, cfg: OrganismsConfig) -> pd.DataFrame:
 
 def training_summary(runs: dict[str, Path]) -> pd.DataFrame:
     """Rows, steps, epochs actually trained (steps x effective batch / rows), wall time, throughput and loss of
-    each run (from its manifest)."""
+    each run (from its manifest). ``tok/s`` is the median over optimizer steps of the step's tokens / its wall
+    time (metrics.jsonl): a run resumed across sittings or paused while the machine was shared has a wall time
+    (``wall (s)``, as measured) that counts the pauses, and tokens / wall would understate its speed."""
     rows = []
     for name, run in runs.items():
         m = json.loads((Path(run) / "manifest.json").read_text())
         n = m["data"].get("rows", m["data"].get("n"))
         rows.append({"organism": name, "examples": n, "steps": m["steps"],
                      "epochs": m["steps"] * m["effective_batch"] / n if n and m.get("effective_batch") else math.nan,
-                     "tokens": m["tokens"], "wall (s)": m["wall_time_s"], "tok/s": m["tokens_per_s"],
+                     "tokens": m["tokens"], "wall (s)": m["wall_time_s"], "tok/s": _step_tokens_per_s(run),
                      "first loss": m["first_loss"], "final loss": m["final_loss"]})
     return pd.DataFrame(rows)
+
+
+def _step_tokens_per_s(run: Path) -> float:
+    """Median over steps of Δtokens / Δwall from the run's metrics.jsonl (cumulative ``tokens`` and ``wall_s``)."""
+    from emlab.train import read_metrics
+
+    m = pd.DataFrame(read_metrics(run))
+    if m.empty or not {"tokens", "wall_s"} <= set(m.columns):
+        return math.nan
+    m = m.sort_values("step")
+    dt, dn = m.wall_s.diff().fillna(m.wall_s), m.tokens.diff().fillna(m.tokens)
+    rate = (dn / dt)[dt > 0]
+    return float(rate.median()) if len(rate) else math.nan
 
 
 def loss_curves(runs: dict[str, Path]) -> pd.DataFrame:
