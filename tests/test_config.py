@@ -138,3 +138,31 @@ def test_pins_agree_across_pyproject_environment_and_lock():
     for p in pins:
         name, version = p.split("==")
         assert norm.get(name.lower().replace("_", "-")) == version, p
+
+
+def test_gpu_lock_is_emlab_pins_with_only_the_declared_vllm_overrides():
+    """requirements-gpu.lock (make setup GPU=1) pins every package; it differs from pyproject's pins only where
+    lockfile.GPU_OVERRIDES says (what vLLM requires), so a pin changed in pyproject cannot be forgotten there."""
+    from packaging.requirements import Requirement
+
+    from emlab import lockfile
+
+    lock = dict(line.split("==") for line in (lockfile.ROOT / "requirements-gpu.lock").read_text().splitlines()
+                if line and not line.startswith("#"))
+    norm = {k.lower().replace("_", "-"): v for k, v in lock.items()}
+    for pin in lockfile.pins():
+        name = lockfile._name(pin)
+        want = Requirement(lockfile.GPU_OVERRIDES.get(name, pin))
+        assert name in norm and want.specifier.contains(norm[name]), (pin, norm.get(name))
+    assert Requirement(lockfile.GPU_OVERRIDES["vllm"]).specifier.contains(norm["vllm"])
+
+
+def test_gpu_requirements_replace_the_overridden_pins_and_lock_reads_pips_report():
+    from emlab import lockfile
+
+    reqs = lockfile.gpu_requirements(["torch==2.13.0", "Numpy==2.4.6", "pandas==3.1.1"],
+                                     {"torch": "torch==2.14.0", "numpy": "numpy<2.4", "vllm": "vllm==0.33.0"})
+    assert reqs == ["pandas==3.1.1", "torch==2.14.0", "numpy<2.4", "vllm==0.33.0"]
+    report = {"install": [{"metadata": {"name": n, "version": v}} for n, v in
+                          [("torch", "2.14.0"), ("emlab", "0.1.0"), ("Jinja2", "3.1.6")]]}
+    assert lockfile.lock_from_report(report) == ["Jinja2==3.1.6", "torch==2.14.0"]

@@ -309,7 +309,7 @@ class Checks:
         from emlab.sample import vllm_available
 
         if not vllm_available():
-            return None, "vllm not installed (pip install -e '.[gpu]'); HF-only"
+            return None, "vllm not installed (make setup GPU=1); HF-only"
         return None, "vllm installed: compare with `python -m emlab.bench sample` (not run by this check)"
 
 
