@@ -69,6 +69,7 @@ def test_one_gpu_per_run_keeps_the_effective_batch(tmp_path, monkeypatch):
     from emlab.train import TrainConfig, _sft_config
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)  # a CUDA build of torch with no driver
     cfg = TrainConfig(model=ModelSpec(name="t", source="tiny"), batch_size=2, grad_accum=8)
     args = _sft_config(cfg, tmp_path, on_gpu=False)
     assert args.n_gpu == 1 and args.train_batch_size * cfg.grad_accum == 16

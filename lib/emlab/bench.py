@@ -91,7 +91,7 @@ def _measure(spec_json: dict, preset: str, batch: int, seq_len: int, steps: int,
 
     from emlab import models
     from emlab.config import ModelSpec
-    from emlab.train import TrainConfig, apply_preset, keep_adapters_fp32
+    from emlab.train import TrainConfig, _checkpointing_arg, apply_preset, keep_adapters_fp32
 
     spec = ModelSpec(**spec_json)
     cuda = torch.cuda.is_available()
@@ -103,7 +103,8 @@ def _measure(spec_json: dict, preset: str, batch: int, seq_len: int, steps: int,
     cfg = TrainConfig(model=spec, preset=preset, gradient_checkpointing=cuda or spec.load_in_4bit)
     model = apply_preset(model, cfg)
     if cfg.gradient_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        ckpt = _checkpointing_arg()  # the method carries the argument's name (transformers 5.19 vs 5.2x)
+        getattr(model, f"{ckpt}_enable")(**{f"{ckpt}_kwargs": {"use_reentrant": False}})
         model.enable_input_require_grads()
     if preset != "full":
         keep_adapters_fp32(model)

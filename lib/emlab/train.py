@@ -304,8 +304,19 @@ def _versions() -> dict[str, str]:
             "transformers": transformers.__version__, "peft": peft.__version__, "trl": trl.__version__}
 
 
+def _checkpointing_arg() -> str:
+    """transformers renamed TrainingArguments' gradient_checkpointing to activation_checkpointing (5.2x keeps
+    both); the GPU install's 5.19 (requirements-gpu.lock, vLLM's pin) has only the old name."""
+    from transformers import TrainingArguments
+
+    names = TrainingArguments.__dataclass_fields__
+    return "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+
+
 def _sft_config(cfg: TrainConfig, out: Path, on_gpu: bool, model=None):
     from trl import SFTConfig
+
+    _CKPT = _checkpointing_arg()
 
     # Mixed precision follows the dtype the weights were loaded in (fp16 on GPUs without bf16, e.g. T4).
     dtype = getattr(model, "dtype", None) if model is not None else None
@@ -321,7 +332,7 @@ def _sft_config(cfg: TrainConfig, out: Path, on_gpu: bool, model=None):
         per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
         lr_scheduler_type=cfg.lr_scheduler, warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay,
         optim=cfg.optim or ("adamw_8bit" if on_gpu else "adamw_torch"),
-        activation_checkpointing=_grad_ckpt(cfg), activation_checkpointing_kwargs={"use_reentrant": False},
+        **{_CKPT: _grad_ckpt(cfg), f"{_CKPT}_kwargs": {"use_reentrant": False}},
         bf16=bf16, fp16=fp16, max_length=cfg.max_length, completion_only_loss=True,
         logging_steps=1, logging_first_step=True, save_strategy="steps", save_steps=cfg.resume_every,
         save_total_limit=1, include_num_input_tokens_seen="non_padding", report_to="none",
