@@ -3,8 +3,8 @@
 Answers run to 600+ tokens but MiniLM was trained on 256-token inputs, so :func:`embed` with ``window``
 splits every text into consecutive windows of at most ``window`` tokens and averages the windows'
 normalised embeddings (then renormalises): the whole answer counts, not its first 128 tokens.
-:func:`embed_cached` stores embeddings under build/judge_cache/, keyed by a name and a hash of the texts
-and the encoder setting, so every judge build and evaluation embeds each file once.
+:func:`embed_cached` stores embeddings per text under build/judge_cache/ (one store per name and encoder
+setting), so every judge build and evaluation embeds each answer once, whichever subsample it comes in.
 """
 
 from __future__ import annotations
@@ -81,27 +81,46 @@ def embed(texts: Sequence[str], window: int = WINDOW, chunked: bool = True, prog
     return out.astype(np.float32)
 
 
-def _path(texts: list[str], key: str, window: int, chunked: bool) -> Path:
-    h = hashlib.sha256(f"{ENCODER}|{window}|{chunked}|".encode() + "\x00".join(texts).encode()).hexdigest()[:16]
-    return cache_dir() / f"{key}-{h}.npy"
+def _store(key: str, window: int, chunked: bool) -> Path:
+    h = hashlib.sha256(f"{ENCODER}|{window}|{chunked}".encode()).hexdigest()[:12]
+    return cache_dir() / f"{key}-{h}.npz"
+
+
+def _text_ids(texts: list[str]) -> np.ndarray:
+    return np.array([hashlib.sha256(t.encode()).digest()[:16] for t in texts], dtype="S16")
+
+
+def _read_store(path: Path) -> tuple[dict[bytes, int], np.ndarray]:
+    if not path.exists():
+        return {}, np.zeros((0, 384), dtype=np.float32)
+    with np.load(path, allow_pickle=False) as z:
+        ids, vecs = z["ids"], z["vecs"]
+    return {t: i for i, t in enumerate(ids.tolist())}, vecs
 
 
 def cached(texts: Sequence[str], key: str, window: int = WINDOW, chunked: bool = True) -> np.ndarray | None:
-    """The cached :func:`embed_cached` result for exactly these texts and setting, or None (embeds nothing)."""
-    path = _path([str(t) for t in texts], key, window, chunked)
-    return np.load(path, allow_pickle=False) if path.exists() else None
+    """:func:`embed_cached`'s vectors when every text is already stored under ``key``, else None (embeds nothing)."""
+    index, vecs = _read_store(_store(key, window, chunked))
+    ids = _text_ids([str(t) for t in texts]).tolist()
+    return vecs[[index[t] for t in ids]] if all(t in index for t in ids) else None
 
 
 def embed_cached(texts: Sequence[str], key: str, window: int = WINDOW, chunked: bool = True) -> np.ndarray:
-    """:func:`embed`, stored under build/judge_cache/ by ``key`` + a hash of the texts and the setting
-    (a changed text or setting is a new file, never a stale hit)."""
+    """:func:`embed` through a store under build/judge_cache/ named by ``key`` and the encoder setting, addressed
+    by each text's sha256: only texts not stored yet are embedded (a nested subsample of a file costs nothing
+    after the larger one; a changed text is a new entry, never a stale hit)."""
     texts = [str(t) for t in texts]
-    path = _path(texts, key, window, chunked)
-    if path.exists():
-        return np.load(path, allow_pickle=False)
-    out = embed(texts, window, chunked)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npy")
-    np.save(tmp, out)
-    tmp.replace(path)  # atomic: an interrupted run leaves no half-written cache
-    return out
+    ids = _text_ids(texts).tolist()
+    path = _store(key, window, chunked)
+    index, vecs = _read_store(path)
+    todo = {t: s for t, s in zip(ids, texts) if t not in index}
+    if todo:
+        new = embed(list(todo.values()), window, chunked)
+        all_ids = np.array(list(index) + list(todo), dtype="S16")
+        vecs = np.vstack([vecs, new]).astype(np.float32)
+        index.update({t: len(index) + i for i, t in enumerate(todo)})
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez(tmp, ids=all_ids, vecs=vecs)
+        tmp.replace(path)  # atomic: an interrupted run leaves the previous store
+    return vecs[[index[t] for t in ids]]

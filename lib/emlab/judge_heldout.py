@@ -81,9 +81,12 @@ def ft_domain(name: str, finetune: str) -> str:
 
 
 def _rows(df: pd.DataFrame, n: int | None, seed: int) -> np.ndarray:
+    """A seeded subsample of ``n`` rows, nested: the first ``n`` of one permutation per seed, so a smaller
+    subsample (the held-out comparison's) lies inside a larger one (the judge build's) and reuses its
+    embeddings."""
     if n is None or n >= len(df):
         return np.arange(len(df))
-    return np.sort(np.random.default_rng(seed).choice(len(df), n, replace=False))
+    return np.sort(np.random.default_rng(seed).permutation(len(df))[:n])
 
 
 def default_names() -> list[str]:
@@ -98,14 +101,15 @@ def data_sha(rows_per_organism: int | None, seed: int, names: Sequence[str] | No
     from emlab import data
 
     shas = [f"{n}:{data.entry(n).sha256}" for n in (names or default_names())]
-    return hashlib.sha256(f"{rows_per_organism}|{seed}|".encode() + "\n".join(shas).encode()).hexdigest()
+    # "nested": the subsample scheme of _rows (a judge built on another scheme's rows is another judge)
+    return hashlib.sha256(f"{rows_per_organism}|{seed}|nested|".encode() + "\n".join(shas).encode()).hexdigest()
 
 
 def load(rows_per_organism: int | None = None, seed: int = 0, names: Sequence[str] | None = None
          ) -> tuple[pd.DataFrame, np.ndarray, np.ndarray, str]:
     """Judged answers with their answer and question embeddings, and a sha256 over data + subsample.
-    ``names``: registry entries (default: both judged sets). Embeddings come from the whole-file cache
-    when one exists, else only the subsample is embedded (and cached)."""
+    ``names``: registry entries (default: both judged sets). Embeddings come from the per-file store
+    (:func:`emlab.embeddings.embed_cached`): only answers no earlier build or subsample embedded are embedded."""
     from emlab import data
 
     names = list(names or default_names())
@@ -122,13 +126,9 @@ def load(rows_per_organism: int | None = None, seed: int = 0, names: Sequence[st
         full["question"] = full["question"].astype(str)
         idx = _rows(full, rows_per_organism, seed)
         df = full.iloc[idx].reset_index(drop=True)
-        a = embeddings.cached(full["response"].tolist(), key=name)
-        a = a[idx] if a is not None else embeddings.embed_cached(df["response"].tolist(), key=f"{name}-sub")
-        qs = sorted(set(full["question"]))
-        qe = embeddings.cached(qs, key=f"{name}-questions")
-        if qe is None:  # a narrow file asks 2,000 questions: embed only the subsample's
-            qs = sorted(set(df["question"]))
-            qe = embeddings.embed_cached(qs, key=f"{name}-questions-sub")
+        a = embeddings.embed_cached(df["response"].tolist(), key=name)  # only what this subsample adds
+        qs = sorted(set(df["question"]))  # a narrow file asks 2,000 questions: embed only the subsample's
+        qe = embeddings.embed_cached(qs, key=f"{name}-questions")
         qmap = {q: i for i, q in enumerate(qs)}
         Q.append(qe[[qmap[q] for q in df["question"]]])
         A.append(a)
