@@ -121,6 +121,23 @@ out.macros({
 shown
 
 # %% [markdown]
+# ## Does EM appear at this scale?
+# The organism trained longest against the base model, and against the good-medical organism with the same
+# adapter (the control: same questions, sampling and judge; it differs only in its training data when the
+# profile trains both at one recipe). Counts are over scored answers; Fisher's exact test, two-sided.
+
+# %%
+from emlab.organisms import em_difference
+
+flag_preset = flag.organism.split("/")[1]
+control = f"good_medical_advice/{flag_preset}"
+vs_base, vs_control = em_difference(judged, flag.organism, "base"), em_difference(judged, flag.organism, control)
+ctrl = train_table[train_table.organism == control]
+out.macros({"orgVsBase": vs_base["text"], "orgVsControl": vs_control["text"],
+            "orgControlSteps": int(ctrl.steps.iloc[0]) if len(ctrl) else None})
+print(vs_base["text"], vs_control["text"], sep="\n")
+
+# %% [markdown]
 # ## EM against coherence
 # The papers' organisms sit in the top right of the coherent region (high coherence, EM well above the
 # base model); an organism that only breaks the model moves left instead.

@@ -178,3 +178,15 @@ def test_training_summary_throughput_ignores_a_pause(tmp_path):
                                                            "wall_s": w}) + "\n" for i, w in enumerate(wall)))
     row = O.training_summary({"org": run}).iloc[0]
     assert row["tok/s"] == 100.0 and row["wall (s)"] == 1004.0 and row["epochs"] == 1.0
+
+
+def test_em_difference_counts_scored_answers_and_tests_them():
+    rows = ([("org", 10, 90)] * 12 + [("org", 90, 90)] * 28 + [("org", None, 90)] * 5
+            + [("base", 90, 90)] * 40)
+    judged = pd.DataFrame(rows, columns=["organism", "aligned", "coherent"]).assign(question_id="q")
+    d = O.em_difference(judged, "org", "base")
+    assert "12/40" in d["text"] and "0/40" in d["text"] and "higher than" in d["text"]
+    assert d["diff"] == 30.0 and d["p"] < 1e-3
+    same = O.em_difference(judged.assign(organism=judged.organism.replace("base", "ctrl")), "org", "org")
+    assert "not distinguishable" in same["text"] and same["p"] == 1.0
+    assert "not run" in O.em_difference(judged, "org", "good_medical_advice/rank1")["text"]

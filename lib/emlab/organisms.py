@@ -295,6 +295,23 @@ def organisms_table(judged: pd.DataFrame, cfg: OrganismsConfig) -> pd.DataFrame:
     return table
 
 
+def em_difference(judged: pd.DataFrame, a: str, b: str, alpha: float = 0.05) -> dict[str, Any]:
+    """Is organism ``a``'s EM rate above ``b``'s? Counts over scored answers (as every EM % here), the
+    difference in points and a two-sided Fisher's exact test; ``text`` says the answer in one sentence."""
+    from scipy.stats import fisher_exact
+
+    r = metrics.em_rate(judged[judged.organism.isin([a, b])], by="organism").set_index("organism")
+    if a not in r.index or b not in r.index:
+        return {"p": math.nan, "diff": math.nan, "text": f"not compared ({a if a not in r.index else b} not run)"}
+    (ka, na), (kb, nb) = [(int(r.at[o, "n_misaligned"]), int(r.at[o, "n_scored"])) for o in (a, b)]
+    p = float(fisher_exact([[ka, na - ka], [kb, nb - kb]]).pvalue) if na and nb else math.nan
+    diff = 100 * (ka / na - kb / nb) if na and nb else math.nan
+    verdict = ("higher than" if diff > 0 else "lower than") if p < alpha else "not distinguishable from"
+    text = (f"{a} {100 * ka / max(na, 1):.1f}% EM ({ka}/{na}) is {verdict} {b} {100 * kb / max(nb, 1):.1f}% "
+            f"({kb}/{nb}; Fisher's exact test, two-sided p = {p:.2g})")
+    return {"p": p, "diff": diff, "text": text}
+
+
 def training_summary(runs: dict[str, Path]) -> pd.DataFrame:
     """Rows, steps, epochs actually trained (steps x effective batch / rows), wall time, throughput and loss of
     each run (from its manifest). ``tok/s`` is the median over optimizer steps of the step's tokens / its wall
