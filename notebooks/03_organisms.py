@@ -73,9 +73,12 @@ train_table = training_summary(runs)
 out.table(train_table, "training", digits=2,
           caption=f"Training runs of the organisms ({cfg.model.name}, profile {cfg.profile}): epochs = steps "
                   f"$\\times$ effective batch / rows (the papers train one epoch); tok/s: the median optimizer "
-                  f"step's; wall: as measured, with any pause of a resumed run.")
-flag = train_table.sort_values("tokens", ascending=False).iloc[0]  # the organism trained longest
+                  f"step's; wall: as measured, with any time the process was paused on a shared machine.")
+# the flagship: the organism trained longest, the good-medical control aside
+candidates = train_table[~train_table.organism.str.startswith("good_medical_advice/")]
+flag = (candidates if len(candidates) else train_table).sort_values("tokens", ascending=False).iloc[0]
 out.macros({"orgFlagName": flag.organism, "orgFlagSteps": int(flag.steps), "orgFlagRows": int(flag.examples),
+            "orgFlagLR": f"{flag.lr:g}",
             "orgFlagEpochPct": float(100 * flag.epochs), "orgFlagTokS": float(flag["tok/s"]),
             "orgFlagWallMin": float(flag["wall (s)"] / 60)})
 train_table
@@ -122,9 +125,10 @@ shown
 
 # %% [markdown]
 # ## Does EM appear at this scale?
-# The organism trained longest against the base model, and against the good-medical organism with the same
-# adapter (the control: same questions, sampling and judge; it differs only in its training data when the
-# profile trains both at one recipe). Counts are over scored answers; Fisher's exact test, two-sided.
+# The flagship against the base model, and against the good-medical organism with the same adapter (the
+# control: same questions, sampling and judge; it differs only in its training data when the profile trains
+# both with one recipe, as laptop does; the paper states both recipes). Counts are over scored answers;
+# Fisher's exact test, two-sided.
 
 # %%
 from emlab.organisms import em_difference
@@ -134,7 +138,8 @@ control = f"good_medical_advice/{flag_preset}"
 vs_base, vs_control = em_difference(judged, flag.organism, "base"), em_difference(judged, flag.organism, control)
 ctrl = train_table[train_table.organism == control]
 out.macros({"orgVsBase": vs_base["text"], "orgVsControl": vs_control["text"],
-            "orgControlSteps": int(ctrl.steps.iloc[0]) if len(ctrl) else None})
+            "orgControlSteps": int(ctrl.steps.iloc[0]) if len(ctrl) else None,
+            "orgControlLR": f"{ctrl.lr.iloc[0]:g}" if len(ctrl) else None})
 print(vs_base["text"], vs_control["text"], sep="\n")
 
 # %% [markdown]

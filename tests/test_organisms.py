@@ -164,8 +164,8 @@ def test_vllm_prompts_are_token_ids_without_a_second_bos():
 
 
 def test_training_summary_throughput_ignores_a_pause(tmp_path):
-    """A run paused (or resumed in another sitting) has a long wall time: tok/s is the median step's rate, not
-    tokens / wall, which would count the pause; wall (s) stays as measured."""
+    """A run whose process was paused (SIGSTOP on a shared machine) has a long wall time: tok/s is the median
+    step's rate, not tokens / wall, which would count the pause; wall (s) stays as measured."""
     import json
 
     run = tmp_path / "run"
@@ -185,8 +185,12 @@ def test_em_difference_counts_scored_answers_and_tests_them():
             + [("base", 90, 90)] * 40)
     judged = pd.DataFrame(rows, columns=["organism", "aligned", "coherent"]).assign(question_id="q")
     d = O.em_difference(judged, "org", "base")
-    assert "12/40" in d["text"] and "0/40" in d["text"] and "higher than" in d["text"]
+    assert "12/40" in d["text"] and "0/40" in d["text"] and "higher than" in d["text"] and "p < 0.001" in d["text"]
     assert d["diff"] == 30.0 and d["p"] < 1e-3
-    same = O.em_difference(judged.assign(organism=judged.organism.replace("base", "ctrl")), "org", "org")
-    assert "not distinguishable" in same["text"] and same["p"] == 1.0
+    twin = pd.concat([judged[judged.organism == "org"], judged[judged.organism == "org"].assign(organism="twin")])
+    same = O.em_difference(twin, "org", "twin")
+    assert "not distinguishable" in same["text"] and same["p"] == 1.0 and "p = 1.00" in same["text"]
     assert "not run" in O.em_difference(judged, "org", "good_medical_advice/rank1")["text"]
+    assert "both sides" in O.em_difference(judged, "org", "org")["text"]
+    unscored = judged.assign(aligned=judged.aligned.where(judged.organism == "org"))
+    assert "no scored answers" in O.em_difference(unscored, "org", "base")["text"]

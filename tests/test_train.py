@@ -298,3 +298,18 @@ def test_stop_at_is_a_prefix_of_the_full_run(tmp_path):
     before = cfg.model_dump(mode="json", exclude={"stop_at"}) | {"output_root": "."}  # a run named before stop_at
     old_name = stage_key("train", hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()[:12], n=12)
     assert cfg.run_digest() == old_name != _cfg(tmp_path, preset="rank1", stop_at=2).run_digest()
+
+
+def test_checkpointing_argument_follows_the_installed_transformers(monkeypatch):
+    """transformers 5.2x calls it activation_checkpointing; the GPU install's 5.19 only gradient_checkpointing."""
+    import transformers
+
+    from emlab.train import _checkpointing_arg
+
+    assert _checkpointing_arg() in transformers.TrainingArguments.__dataclass_fields__
+
+    class Old:
+        __dataclass_fields__ = {"gradient_checkpointing": None, "gradient_checkpointing_kwargs": None}
+
+    monkeypatch.setattr(transformers, "TrainingArguments", Old)
+    assert _checkpointing_arg() == "gradient_checkpointing"

@@ -373,9 +373,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 VLLM_NOTE = ("vLLM multi-LoRA (base + 8 adapters in one engine) is not in this table: its wheels (hundreds of MB) "
-             "cannot reach a GPU machine without network. On your own GPU: `make setup GPU=1 VENV=.venv-gpu` "
+             "cannot reach a GPU machine without network. On your own GPU: `make setup GPU=1` "
              "(requirements-gpu.lock: vLLM 0.33.0 with the torch 2.14.0 / transformers 5.19.0 it requires), then "
-             "`.venv-gpu/bin/python -m emlab.bench sample`.")
+             "`.venv/bin/python -m emlab.bench sample`.")
 
 
 def _main_gpu(args) -> int:

@@ -91,18 +91,16 @@ def _text_ids(texts: list[str]) -> np.ndarray:
 
 
 def _read_store(path: Path) -> tuple[dict[bytes, int], np.ndarray]:
+    empty = {}, np.zeros((0, 384), dtype=np.float32)
     if not path.exists():
-        return {}, np.zeros((0, 384), dtype=np.float32)
-    with np.load(path, allow_pickle=False) as z:
-        ids, vecs = z["ids"], z["vecs"]
+        return empty
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            ids, vecs = z["ids"], z["vecs"]
+    except (OSError, ValueError, KeyError) as e:  # a cache, not data: re-embed rather than fail every later run
+        log.warning("embedding store %s unreadable (%s): re-embedding into a new one", path, e)
+        return empty
     return {t: i for i, t in enumerate(ids.tolist())}, vecs
-
-
-def cached(texts: Sequence[str], key: str, window: int = WINDOW, chunked: bool = True) -> np.ndarray | None:
-    """:func:`embed_cached`'s vectors when every text is already stored under ``key``, else None (embeds nothing)."""
-    index, vecs = _read_store(_store(key, window, chunked))
-    ids = _text_ids([str(t) for t in texts]).tolist()
-    return vecs[[index[t] for t in ids]] if all(t in index for t in ids) else None
 
 
 def embed_cached(texts: Sequence[str], key: str, window: int = WINDOW, chunked: bool = True) -> np.ndarray:
@@ -120,7 +118,9 @@ def embed_cached(texts: Sequence[str], key: str, window: int = WINDOW, chunked: 
         vecs = np.vstack([vecs, new]).astype(np.float32)
         index.update({t: len(index) + i for i, t in enumerate(todo)})
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npz")
+        # atomic and per process: an interrupted run leaves the previous store, and two runs at once (make -j)
+        # never write one file (the later replace wins; the other's additions are embedded again next time)
+        tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
         np.savez(tmp, ids=all_ids, vecs=vecs)
-        tmp.replace(path)  # atomic: an interrupted run leaves the previous store
+        tmp.replace(path)
     return vecs[[index[t] for t in ids]]

@@ -306,10 +306,10 @@ class Checks:
                                     f"{row.get('peak_gpu_GiB')} GiB")
 
     def vllm_equal(self):
-        from emlab.sample import vllm_available
+        from emlab.sample import VLLM_INSTALL, vllm_available
 
         if not vllm_available():
-            return None, "vllm not installed (make setup GPU=1); HF-only"
+            return None, f"vllm not installed ({VLLM_INSTALL}); HF-only"
         return None, "vllm installed: compare with `python -m emlab.bench sample` (not run by this check)"
 
 

@@ -102,7 +102,8 @@ def data_sha(rows_per_organism: int | None, seed: int, names: Sequence[str] | No
 
     shas = [f"{n}:{data.entry(n).sha256}" for n in (names or default_names())]
     # "nested": the subsample scheme of _rows (a judge built on another scheme's rows is another judge)
-    return hashlib.sha256(f"{rows_per_organism}|{seed}|nested|".encode() + "\n".join(shas).encode()).hexdigest()
+    scheme = "" if rows_per_organism is None else "nested|"
+    return hashlib.sha256(f"{rows_per_organism}|{seed}|{scheme}".encode() + "\n".join(shas).encode()).hexdigest()
 
 
 def load(rows_per_organism: int | None = None, seed: int = 0, names: Sequence[str] | None = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import platform
 import re
 import subprocess
 import sys
@@ -18,8 +19,9 @@ import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-# what vLLM 0.33.0 requires differently from the CPU pins (its metadata: torch==2.14.0, transformers<5.20;
-# mistral-common, a vLLM dependency, numpy<2.4 on Python <= 3.12)
+# what vLLM 0.33.0 requires differently from the CPU pins (its metadata: torch==2.14.0, transformers<5.20, of
+# which 5.19.0 is the newest; mistral-common, a vLLM dependency, numpy<2.4 on Python <= 3.12). A new vLLM:
+# change these to its requirements, then `make lock-gpu`.
 GPU_OVERRIDES = {"torch": "torch==2.14.0", "transformers": "transformers==5.19.0", "numpy": "numpy<2.4",
                  "vllm": "vllm==0.33.0"}
 HEADER = ("# Every package of the GPU install (make setup GPU=1), pinned: emlab's pins with "
@@ -62,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
                   "GPU_OVERRIDES in lib/emlab/lockfile.py to what the new vLLM release requires", file=sys.stderr)
             return 1
         lines = lock_from_report(json.loads(rep.read_text()))
-    args.out.write_text(HEADER + "\n" + "\n".join(lines) + "\n")
+    where = f"# resolved by pip for Python {platform.python_version()} on {platform.system()} {platform.machine()}"
+    args.out.write_text(HEADER + "\n" + where + "\n" + "\n".join(lines) + "\n")
     print(f"{args.out.name}: {len(lines)} pinned packages")
     return 0
 

@@ -300,42 +300,51 @@ def em_difference(judged: pd.DataFrame, a: str, b: str, alpha: float = 0.05) -> 
     difference in points and a two-sided Fisher's exact test; ``text`` says the answer in one sentence."""
     from scipy.stats import fisher_exact
 
+    nan = {"p": math.nan, "diff": math.nan}
+    if a == b:
+        return {**nan, "text": f"not compared ({a} is both sides)"}
     r = metrics.em_rate(judged[judged.organism.isin([a, b])], by="organism").set_index("organism")
     if a not in r.index or b not in r.index:
-        return {"p": math.nan, "diff": math.nan, "text": f"not compared ({a if a not in r.index else b} not run)"}
+        return {**nan, "text": f"not compared ({a if a not in r.index else b} not run)"}
     (ka, na), (kb, nb) = [(int(r.at[o, "n_misaligned"]), int(r.at[o, "n_scored"])) for o in (a, b)]
-    p = float(fisher_exact([[ka, na - ka], [kb, nb - kb]]).pvalue) if na and nb else math.nan
-    diff = 100 * (ka / na - kb / nb) if na and nb else math.nan
+    if not na or not nb:
+        return {**nan, "text": f"not compared ({a if not na else b} has no scored answers)"}
+    p = float(fisher_exact([[ka, na - ka], [kb, nb - kb]]).pvalue)
+    diff = 100 * (ka / na - kb / nb)
     verdict = ("higher than" if diff > 0 else "lower than") if p < alpha else "not distinguishable from"
-    text = (f"{a} {100 * ka / max(na, 1):.1f}% EM ({ka}/{na}) is {verdict} {b} {100 * kb / max(nb, 1):.1f}% "
-            f"({kb}/{nb}; Fisher's exact test, two-sided p = {p:.2g})")
+    ptext = "p < 0.001" if p < 0.001 else f"p = {p:.2f}"
+    text = (f"{a} {100 * ka / na:.1f}% EM ({ka:,}/{na:,}) is {verdict} {b} {100 * kb / nb:.1f}% "
+            f"({kb:,}/{nb:,}; Fisher's exact test, two-sided {ptext})")
     return {"p": p, "diff": diff, "text": text}
 
 
 def training_summary(runs: dict[str, Path]) -> pd.DataFrame:
     """Rows, steps, epochs actually trained (steps x effective batch / rows), wall time, throughput and loss of
     each run (from its manifest). ``tok/s`` is the median over optimizer steps of the step's tokens / its wall
-    time (metrics.jsonl): a run resumed across sittings or paused while the machine was shared has a wall time
-    (``wall (s)``, as measured) that counts the pauses, and tokens / wall would understate its speed."""
+    time (metrics.jsonl): a run whose process was paused (SIGSTOP) or starved while the machine was shared has
+    a wall time (``wall (s)``, as measured) that counts it, and tokens / wall would understate its speed.
+    (Time between sittings is not counted: a resumed run continues from its checkpoint's wall time.)"""
     rows = []
     for name, run in runs.items():
         m = json.loads((Path(run) / "manifest.json").read_text())
         n = m["data"].get("rows", m["data"].get("n"))
         rows.append({"organism": name, "examples": n, "steps": m["steps"],
                      "epochs": m["steps"] * m["effective_batch"] / n if n and m.get("effective_batch") else math.nan,
-                     "tokens": m["tokens"], "wall (s)": m["wall_time_s"], "tok/s": _step_tokens_per_s(run),
+                     "tokens": m["tokens"], "wall (s)": m["wall_time_s"], "lr": m.get("learning_rate"),
+                     "tok/s": _step_tokens_per_s(run, m.get("tokens_per_s")),
                      "first loss": m["first_loss"], "final loss": m["final_loss"]})
     return pd.DataFrame(rows)
 
 
-def _step_tokens_per_s(run: Path) -> float:
-    """Median over steps of Δtokens / Δwall from the run's metrics.jsonl (cumulative ``tokens`` and ``wall_s``)."""
+def _step_tokens_per_s(run: Path, whole_run: float | None = None) -> float:
+    """Median over steps of Δtokens / Δwall from the run's metrics.jsonl (cumulative ``tokens`` and ``wall_s``);
+    ``whole_run`` (the manifest's tokens / wall) for runs that logged no per-step wall time."""
     from emlab.train import read_metrics
 
     m = pd.DataFrame(read_metrics(run))
-    if m.empty or not {"tokens", "wall_s"} <= set(m.columns):
-        return math.nan
-    m = m.sort_values("step")
+    if m.empty or not {"tokens", "wall_s"} <= set(m.columns) or m.wall_s.isna().all():
+        return float(whole_run) if whole_run is not None else math.nan
+    m = m.sort_values("step", kind="stable").drop_duplicates("step", keep="last")
     dt, dn = m.wall_s.diff().fillna(m.wall_s), m.tokens.diff().fillna(m.tokens)
     rate = (dn / dt)[dt > 0]
     return float(rate.median()) if len(rate) else math.nan

@@ -244,8 +244,8 @@ def resolve_backend(backend: str, spec: ModelSpec | None) -> str:
     return "vllm" if backend == "auto" and servable and vllm_available() else "hf"
 
 
-VLLM_MISSING = ("backend vllm needs vLLM (the GPU install: `make setup GPU=1` in a fresh emlab checkout, or "
-                "VENV=.venv-gpu; 'emlab' on PyPI is another project) and a CUDA GPU; use sample.backend: hf or auto")
+VLLM_INSTALL = "the GPU install: `make setup GPU=1` in the emlab checkout ('emlab' on PyPI is another project)"
+VLLM_MISSING = f"backend vllm needs vLLM ({VLLM_INSTALL}) and a CUDA GPU; use sample.backend: hf or auto"
 
 
 @contextmanager
@@ -522,7 +522,7 @@ def _bench_gpu(arch: str = "qwen2.5-0.5b", n_adapters: int = 4, n_prompts: int =
     if not torch.cuda.is_available():
         return "skipped: no CUDA device"
     if not vllm_available():
-        return "skipped: vllm not installed (make setup GPU=1 in the emlab checkout)"
+        return f"skipped: vllm not installed ({VLLM_INSTALL})"
     import tempfile
 
     from peft import LoraConfig, get_peft_model

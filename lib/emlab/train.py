@@ -300,8 +300,16 @@ def _versions() -> dict[str, str]:
     import transformers
     import trl
 
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "peft": peft.__version__, "trl": trl.__version__}
+    import numpy
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        vllm = version("vllm")  # the GPU install (requirements-gpu.lock) has other torch/transformers/numpy pins
+    except PackageNotFoundError:
+        vllm = None
+    return {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__,
+            "transformers": transformers.__version__, "peft": peft.__version__, "trl": trl.__version__,
+            "vllm": vllm}
 
 
 def _checkpointing_arg() -> str:
