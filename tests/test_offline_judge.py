@@ -63,16 +63,44 @@ def test_financial_head_scores_domain_relatedness(artifact):
     assert -1 <= metrics["spearman_financial"] <= 1
 
 
-def test_stale_artifact_is_rebuilt_for_a_profile(tmp_path, monkeypatch):
+class _Building(Exception):
+    pass
+
+
+def _no_build(*a, **kw):
+    raise _Building
+
+
+def _copy(src, dst, **meta_changes):
+    dst.mkdir(parents=True)
+    for p in src.iterdir():
+        (dst / p.name).write_bytes(p.read_bytes())
+    meta = {**json.loads((dst / "meta.json").read_text()), **meta_changes}
+    (dst / "meta.json").write_text(json.dumps(meta))
+    return dst
+
+
+def test_stale_artifact_is_rebuilt_for_a_profile(artifact, tmp_path, monkeypatch):
+    """Another version, config or data subsample is rebuilt, never misread; a profile's artifact goes through
+    the same check (build reads no data when it is current)."""
+    monkeypatch.setattr(jh, "load", _no_build)  # reading the judged data = building
+    for change in ({"version": "offline-judge-v0"}, {"config": {"head": "linear"}}, {"data_sha256": "0" * 64}):
+        stale = _copy(artifact, tmp_path / str(len(list(tmp_path.iterdir()))), **change)
+        with pytest.raises(_Building):
+            oj.build(SMALL, stale)
+    assert oj.build(SMALL, artifact) == artifact
     monkeypatch.setenv("EMLAB_OFFLINE_JUDGE_DIR", str(tmp_path))
-    built = []
-    monkeypatch.setattr(oj, "build", lambda cfg, out, force: built.append(out) or out)
-    (tmp_path / "smoke").mkdir()
-    (tmp_path / "smoke" / "meta.json").write_text(json.dumps({"version": "offline-judge-v0"}))
-    assert oj.artifact_for("smoke") == tmp_path / "smoke" and built == [tmp_path / "smoke"]
-    # same version, another config (an artifact of another layout or profile edit): rebuilt, never misread
-    (tmp_path / "smoke" / "meta.json").write_text(json.dumps({"version": oj.VERSION, "config": {"head": "linear"}}))
-    assert oj.artifact_for("smoke") and len(built) == 2
+    _copy(artifact, tmp_path / "smoke", version="offline-judge-v0")
+    with pytest.raises(_Building):
+        oj.artifact_for("smoke")
+
+
+def test_an_identical_build_of_another_profile_is_copied_not_refitted(artifact, tmp_path, monkeypatch):
+    monkeypatch.setattr(jh, "load", _no_build)
+    _copy(artifact, tmp_path / "cpu")
+    out = oj.build(SMALL, tmp_path / "laptop")
+    assert json.loads((out / "meta.json").read_text()) == json.loads((artifact / "meta.json").read_text())
+    assert oj.OfflineJudge(out).score_many("aligned", [("Hi?", "Hello!")])[0].value is not None
 
 
 def test_version_mismatch_asks_for_rebuild(artifact, tmp_path):
