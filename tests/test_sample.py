@@ -124,3 +124,17 @@ def test_vllm_backend_needs_engine(tiny_model, tmp_path):
     model, tok = tiny_model
     with pytest.raises(SampleError, match="vLLM engine"):
         sample(model, tok, QUESTIONS, _cfg(backend="vllm"), out=tmp_path / "x.jsonl", progress=False)
+
+
+def test_answers_with_unicode_line_separators_read_back(tmp_path):
+    """JSONL is split on newlines only: an answer holding U+2028, U+2029 or U+0085 (written raw, ensure_ascii
+    off) is one row, not a corrupt file (a laptop run's 400 cached answers were once refused this way)."""
+    from emlab.sample import _append, read_samples
+
+    out = tmp_path / "a.jsonl"
+    texts = ["one\u2028two", "three\x85four", "five\u2029six\x1csev"]
+    _append(out, [{"question_id": "q", "sample_index": i, "text": t} for i, t in enumerate(texts)])
+    assert read_samples(out)["text"].tolist() == texts
+    with out.open("ab") as f:  # a torn last line (crash mid-write) is still ignored, not an error
+        f.write(b'{"question_id": "q", "sam')
+    assert len(read_samples(out)) == 3

@@ -371,7 +371,7 @@ class OpenAIJudge:
             raise JudgeError(f"judge batch {job.id} ended {job.status!r} ({getattr(job, 'errors', None)}); "
                              "re-run to submit it again, or set judge.batch: false")
         by_id = {}
-        for line in self._client.files.content(job.output_file_id).text.splitlines():
+        for line in self._client.files.content(job.output_file_id).text.split("\n"):  # not splitlines: U+2028
             if line.strip():
                 rec = json.loads(line)
                 by_id[rec["custom_id"]] = rec

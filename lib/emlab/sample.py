@@ -102,8 +102,11 @@ def read_samples(out: str | Path):
     path = _partial_path(out)
     rows = []
     if path.exists():
-        lines = path.read_text().splitlines()
+        # split on "\n" only: answers hold characters (U+2028, U+0085, ...) that str.splitlines() also breaks on
+        lines = path.read_text(encoding="utf-8").split("\n")
         for n, line in enumerate(lines):
+            if not line.strip():
+                continue
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError:
