@@ -184,16 +184,16 @@ def sampling_backend(cfg) -> str:
 
 def sample_and_judge(model, tok, questions: list, ev: EvalSettings, cfg, judge, metrics: list[str], *,
                      run: Path | None = None, tag: dict | None = None, question_col: str = "question",
-                     meta: pd.DataFrame | None = None, vllm: bool = False) -> pd.DataFrame:
+                     meta: pd.DataFrame | None = None) -> pd.DataFrame:
     """The one path from a loaded organism to judged answers, for every section: sample ``questions``
     (:func:`emlab.sample.answers`, the one answer cache) with ``cfg``'s profile, seed and model, attach
     ``meta`` (per question_id), and score ``metrics`` through the judge cache (``judge``: a judge or a
     :class:`JudgeSpec`). Adds ``misaligned`` / ``aligned_ok`` when aligned and coherent are scored.
-    ``vllm``: ``model`` is a vLLM engine over the base weights, given ``run``'s adapter per request."""
+    ``model`` may be a vLLM engine over the base weights (the backend follows it; ``run``'s adapter per request)."""
     from emlab.judge import get_judge, judge_frame
-    from emlab.sample import answers
+    from emlab.sample import answers, is_vllm_engine
 
-    sc = sample_config(ev, cfg.profile, cfg.seed, "vllm" if vllm else "hf")
+    sc = sample_config(ev, cfg.profile, cfg.seed, "vllm" if is_vllm_engine(model) else "hf")
     df = answers(model, tok, questions, sc, spec=cfg.model, run=run, tag=tag)
     if meta is not None:
         df = df.merge(meta, on="question_id", how="inner")
@@ -228,7 +228,7 @@ def answers(cfg, ev: EvalSettings, run_dir: Path | None = None, domain: str | No
             raise ValueError("a vLLM engine samples the base or a LoRA run as trained: hooks (context), a loaded "
                              "model or a full fine-tune go through HF (engine=None)")
         out = sample_and_judge(engine, None, data.load_questions(ev.questions), ev, cfg, judge, metrics,
-                               run=run_dir, tag=tag, vllm=True)
+                               run=run_dir, tag=tag)
     else:
         with (nullcontext(model_tok) if model_tok is not None else models.loaded(cfg.model, run_dir)) as mt:
             out = go(*mt)

@@ -228,7 +228,7 @@ def vllm_available() -> bool:
     return torch.cuda.is_available()
 
 
-def _is_vllm(model) -> bool:
+def is_vllm_engine(model) -> bool:
     return type(model).__module__.startswith("vllm")
 
 
@@ -329,11 +329,11 @@ def generate_vllm(llm, prompts: Sequence[dict], loras: Sequence[Any], *, max_new
 
 
 def _resolve_backend(cfg: SampleConfig, model) -> str:
-    if cfg.backend == "vllm" and not _is_vllm(model):
+    if cfg.backend == "vllm" and not is_vllm_engine(model):
         raise SampleError("backend vllm needs a vLLM engine as model (emlab.sample.vllm_engine(path))")
-    if cfg.backend == "hf" and _is_vllm(model):
+    if cfg.backend == "hf" and is_vllm_engine(model):
         raise SampleError("backend hf got a vLLM engine; pass an HF model or set backend: vllm/auto")
-    return "vllm" if _is_vllm(model) else "hf"
+    return "vllm" if is_vllm_engine(model) else "hf"
 
 
 def _model_name(model, cfg: SampleConfig, model_name: str | None) -> str:
