@@ -122,12 +122,10 @@ def test_yaml_round_trip_and_bad_file(tmp_path):
 def test_pins_agree_across_pyproject_environment_and_lock():
     """One set of pins: environment.yml lists pyproject's (runtime + dev) pins, the lock pins the same
     versions and every transitive package, and nothing is left unpinned."""
-    import tomllib
-    from pathlib import Path
+    from emlab.lockfile import ROOT as root
+    from emlab.lockfile import pins
 
-    root = Path(__file__).resolve().parents[1]
-    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
-    pins = [d.split("#")[0].strip() for d in project["dependencies"] + project["optional-dependencies"]["dev"]]
+    pins = pins()
     assert all("==" in p for p in pins), [p for p in pins if "==" not in p]
     env = yaml.safe_load((root / "environment.yml").read_text())
     pip_deps = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
