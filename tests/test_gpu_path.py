@@ -165,3 +165,44 @@ def test_readme_gpu_table_is_generated_from_the_archived_run():
     text = (bench.REPO_ROOT / "README.md").read_text()
     assert text.split(start, 1)[1].split(end, 1)[0].strip() == bench.readme_section().strip()
     assert "random-qwen2.5-32b" in bench.readme_section() and "AdamW8bit" not in bench.readme_section()
+
+
+def test_vllm_check_compares_one_engine_with_hf_per_adapter(tmp_path, monkeypatch):
+    """gpu-check's vLLM comparison on CPU with a faithful stand-in engine: it reloads the saved base weights and
+    each saved adapter (what vLLM is given) and decodes the token-id prompts greedily. Equal when the saved files
+    are the model HF sampled; one changed token in one adapter's answers is a FAIL naming it."""
+    from emlab import gpucheck
+    from emlab import sample as S
+
+    class Engine:
+        def __init__(self, path, **kw):
+            self.model, self.tok = models.load_model(ModelSpec(name="b", source="local", path=path, dtype="bfloat16"))
+
+    def generate(llm, prompts, loras, *, max_new_tokens, temperature, top_p, seeds):
+        assert temperature == 0.0 and len(set(map(str, loras))) == 1
+        out = []
+        with models.adapter(llm.model, loras[0]) as m, torch.no_grad():
+            for p in prompts:
+                ids = torch.tensor([p["prompt_token_ids"]])
+                new = m.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                 do_sample=False, pad_token_id=llm.tok.pad_token_id)[0, ids.shape[1]:].tolist()
+                eos = llm.tok.eos_token_id
+                new = new[:new.index(eos)] if eos in new else new
+                out.append((llm.tok.decode(new, skip_special_tokens=True), len(new), False))
+        return out
+
+    monkeypatch.setattr(S, "vllm_engine", Engine)
+    monkeypatch.setattr(S, "_lora_request", lambda path, ids: path)
+    monkeypatch.setattr(S, "generate_vllm", generate)
+    model_dir = models.config_dir(tmp_path, None)
+    ok, detail = gpucheck.vllm_vs_hf(model_dir, tmp_path, "cpu", n_tokens=4)
+    assert ok, detail
+    assert "base 4/4, rank1 4/4, r32 4/4" in detail
+
+    def one_off(llm, prompts, loras, **kw):
+        got = generate(llm, prompts, loras, **kw)
+        return [(t + "!", n, tr) for t, n, tr in got[:1]] + got[1:] if loras[0] and "r32" in str(loras[0]) else got
+
+    monkeypatch.setattr(S, "generate_vllm", one_off)
+    ok, detail = gpucheck.vllm_vs_hf(model_dir, tmp_path / "again", "cpu", n_tokens=4)
+    assert not ok and "r32 3/4" in detail and "rank1 4/4" in detail

@@ -14,8 +14,8 @@ one GPU per run (n_gpu 1, effective batch 16), finite loss, adapter checkpoints,
 interruption gives the uninterrupted run's adapter, memory back to baseline after training, seeded
 sampling is repeatable and unpenalised, hooks on the 4-bit organism (capture, steering with λ=0 is the
 identity, ablation removes the direction, adapter scale 0 is the base model), a SLURM-style job
-(submitit's local executor) sees the GPU, and the bench's MFU figure. vLLM is reported (installed or
-not) but not compared: its greedy-token check against HF is still to be written.
+(submitit's local executor) sees the GPU, the bench's MFU figure, and (with vLLM, the GPU install) the
+greedy tokens of one vLLM engine serving the base model, a rank-1 and an r32 adapter against HF's.
 """
 
 from __future__ import annotations
@@ -310,7 +310,59 @@ class Checks:
 
         if not vllm_available():
             return None, f"vllm not installed ({VLLM_INSTALL}); HF-only"
-        return None, "vllm installed: compare with `python -m emlab.bench sample` (not run by this check)"
+        if self.device != "cuda":
+            return None, "vLLM needs a CUDA GPU"
+        return vllm_vs_hf(self.model_dir, self.work, "cuda")
+
+
+def vllm_vs_hf(model_dir: Path, work: Path, device: str, n_tokens: int = 8) -> tuple[bool, str]:
+    """vLLM multi-LoRA against HF, as §03 samples: one engine over the base weights serves the base model,
+    a rank-1 and an r32 adapter per request; their greedy tokens must equal HF's (peft, one adapter at a
+    time). The random model's output head is sharpened (x50) so that its logits have no near-ties that two
+    sets of bf16 kernels would break differently."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from emlab import models
+    from emlab.config import ModelSpec
+    from emlab.sample import _lora_request, chat_prompt, generate_hf, generate_vllm, vllm_engine, vllm_prompts
+
+    spec = ModelSpec(name="vllm-check", source="random", path=str(model_dir), dtype="bfloat16", device=device)
+    model, tok = models.load_model(spec)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(50.0)
+    base = work / "vllm-base"
+    model.save_pretrained(base)
+    tok.save_pretrained(base)
+    adapters: dict[str, Path | None] = {"base": None}
+    for name, lora in {"rank1": dict(r=1, lora_alpha=1, target_modules=["down_proj"]),
+                       "r32": dict(r=32, lora_alpha=64, target_modules="all-linear")}.items():
+        torch.manual_seed(len(adapters))
+        peft = get_peft_model(model, LoraConfig(init_lora_weights=False, **lora))
+        peft.save_pretrained(work / f"vllm-{name}")
+        model = peft.unload()
+        adapters[name] = work / f"vllm-{name}"
+    jobs = [{"question": q, "system": None} for q, _ in _TEXTS]
+    hf = {}
+    for name, path in adapters.items():
+        with models.adapter(model, path) as m:
+            hf[name] = generate_hf(m, tok, [chat_prompt(tok, j["question"], None) for j in jobs],
+                                   max_new_tokens=n_tokens, temperature=0.0)
+    del model
+    models.release()
+    llm = vllm_engine(str(base), max_lora_rank=32, max_loras=2, dtype="bfloat16", gpu_memory_utilization=0.5)
+    ids: dict[str, int] = {}
+    prompts = vllm_prompts(tok, jobs)
+    same = {}
+    for name, path in adapters.items():
+        got = generate_vllm(llm, prompts, [_lora_request(path, ids)] * len(jobs), max_new_tokens=n_tokens,
+                            temperature=0.0, top_p=1.0, seeds=[0] * len(jobs))
+        same[name] = sum(a[0] == b[0] for a, b in zip(hf[name], got))
+    del llm
+    models.release()
+    ok = all(v == len(jobs) for v in same.values())
+    return ok, (", ".join(f"{k} {v}/{len(jobs)}" for k, v in same.items())
+                + f" prompts with the same {n_tokens} greedy tokens (HF peft vs one vLLM engine, bf16)")
 
 
 def _live_cuda_tensors(top: int = 5) -> str:
