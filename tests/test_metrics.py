@@ -120,3 +120,17 @@ def test_bootstrap_clustered_drops_missing_values_and_checks_lengths():
         M.bootstrap_clustered([1.0, 0.0, 1.0], ["a", "b"])
     lo, hi = M.percentile_interval(np.array([np.nan, 1.0, 2.0, 3.0]), level=1.0)
     assert (lo, hi) == (1.0, 3.0)  # NaN replicates (a side left without a value) are skipped
+
+
+def test_rates_per_group_hold_for_frames_with_repeated_index_labels():
+    """pd.concat without ignore_index repeats labels; the groups must not mix (they did: 1/4 and 1/4 here)."""
+    import pandas as pd
+
+    from emlab.metrics import em_rate
+
+    a = pd.DataFrame({"aligned": [10, 90], "coherent": [90, 90], "organism": "a", "question_id": "q"})
+    b = pd.DataFrame({"aligned": [90, 90], "coherent": [90, 90], "organism": "b", "question_id": "q"})
+    r = em_rate(pd.concat([a, b]), by="organism").set_index("organism")
+    assert r.loc["a", ["n_scored", "n_misaligned"]].tolist() == [2, 1]
+    assert r.loc["b", ["n_scored", "n_misaligned"]].tolist() == [2, 0]
+    assert r.loc["overall", ["n_scored", "n_misaligned"]].tolist() == [4, 1]

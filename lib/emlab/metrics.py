@@ -174,6 +174,7 @@ def rate_table(df: pd.DataFrame, hit: Callable[[pd.DataFrame], pd.Series], score
     if ci not in ("wilson", "bootstrap"):
         raise ValueError(f"ci={ci!r}: use 'wilson' or 'bootstrap'")
     by_cols = [by] if isinstance(by, str) else list(by or [])
+    df = df.reset_index(drop=True)  # groups are selected by index label: a concat's repeated labels would mix them
     scored = scored_mask(df, scored_columns)
     hits = hit(df) & scored
     key = by_cols[0] if len(by_cols) == 1 else by_cols  # scalar group keys for one column
