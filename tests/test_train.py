@@ -313,3 +313,16 @@ def test_checkpointing_argument_follows_the_installed_transformers(monkeypatch):
 
     monkeypatch.setattr(transformers, "TrainingArguments", Old)
     assert _checkpointing_arg() == "gradient_checkpointing"
+
+
+def test_read_metrics_one_row_per_step_and_names_a_bad_line(tmp_path):
+    """The one metrics reader (train, phase and organisms use it): a step written twice (a run killed after its
+    metrics line and resumed from the step before) reads once, the later row; a damaged line names file and line."""
+    rows = [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.5}, {"step": 2, "loss": 2.4}, {"step": 3, "loss": 2.0}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert [(m["step"], m["loss"]) for m in read_metrics(tmp_path)] == [(1, 3.0), (2, 2.4), (3, 2.0)]
+    assert read_metrics(tmp_path / "missing") == []
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write("{oops\n")
+    with pytest.raises(ValueError, match="metrics.jsonl:5: not JSON"):
+        read_metrics(tmp_path)

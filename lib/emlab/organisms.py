@@ -341,10 +341,9 @@ def _step_tokens_per_s(run: Path, whole_run: float | None = None) -> float:
     ``whole_run`` (the manifest's tokens / wall) for runs that logged no per-step wall time."""
     from emlab.train import read_metrics
 
-    m = pd.DataFrame(read_metrics(run))
+    m = pd.DataFrame(read_metrics(run))  # one row per step, in step order
     if m.empty or not {"tokens", "wall_s"} <= set(m.columns) or m.wall_s.isna().all():
         return float(whole_run) if whole_run is not None else math.nan
-    m = m.sort_values("step", kind="stable").drop_duplicates("step", keep="last")
     dt, dn = m.wall_s.diff().fillna(m.wall_s), m.tokens.diff().fillna(m.tokens)
     rate = (dn / dt)[dt > 0]
     return float(rate.median()) if len(rate) else math.nan

@@ -18,7 +18,6 @@ optimizer step: step, loss, grad_norm, lr, ...). From these:
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,17 +53,12 @@ def checkpoint_files(run_dir: str | Path) -> list[tuple[int, Path]]:
 
 def read_metrics(run_dir: str | Path) -> pd.DataFrame:
     """``metrics.jsonl`` of a run as a DataFrame (step, loss, grad_norm, lr, ...), one row per step."""
+    from emlab import train
+
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         raise FileNotFoundError(f"{path}: missing; it is written by emlab.train during training")
-    rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{n}: not JSON ({err})") from None
-    return pd.DataFrame(rows).drop_duplicates("step", keep="last").sort_values("step").reset_index(drop=True)
+    return pd.DataFrame(train.read_metrics(run_dir))
 
 
 def b_trajectory(run_dir: str | Path, module: str | None = None, kind: str = "B") -> Trajectory:

@@ -514,9 +514,22 @@ def train(cfg: TrainConfig, *, callbacks: list | None = None) -> Path:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
-    """The per-step metrics of a run (step, loss, grad_norm, lr, epoch, tokens)."""
+    """The per-step metrics of a run (step, loss, grad_norm, lr, epoch, tokens, wall_s), one row per step in
+    step order (the last row of a step wins); [] before the first step. A line that is not JSON is an error
+    naming the file and line."""
     path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.exists() else []
+    if not path.exists():
+        return []
+    rows = {}
+    for n, line in enumerate(path.read_text().split("\n"), 1):
+        if line.strip():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{n}: not JSON ({err}); the run's metrics are damaged, retrain it "
+                                 "(delete the run directory)") from None
+            rows[row["step"]] = row
+    return [rows[k] for k in sorted(rows)]
 
 
 def checkpoint_steps(run_dir: str | Path) -> list[tuple[int, Path]]:
