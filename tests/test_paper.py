@@ -111,6 +111,23 @@ def test_pipes_and_comparisons_print_as_themselves():
     assert paper.fmt(">= 0.95") == r"\textgreater{}= 0.95"
 
 
+def test_model_text_in_any_script_builds():
+    """A cold cpu run's PDF failed on one answer holding U+0090: control characters go, other spaces become
+    spaces, a character the preamble cannot print is named, accents and declared symbols stay."""
+    assert paper.latex_escape("a\x90b\u200b c\u2028d\u00a0e\tf") == "ab c d e f"
+    assert paper.latex_escape("你 😀") == "[U+4F60] [U+1F600]"
+    assert paper.latex_escape("café “naïve” — ≤ 5%") == r"café “naïve” — ≤ 5\%"
+
+
+def test_declared_symbols_match_the_preamble():
+    """The non-Latin-1 symbols latex_escape keeps are exactly those main.tex declares with \\newunicodechar."""
+    import re
+
+    declared = set(re.findall(r"\\newunicodechar\{(.)\}", (paper.ROOT / "paper" / "main.tex").read_text()))
+    kept = {c for c in paper._TEX_UNICODE if ord(c) > 0x17F and c not in "‘’“”–—…•€"}
+    assert declared and kept == declared
+
+
 def test_figures_are_saved_at_their_printed_width(tmp_path):
     """A figure the paper includes at 0.48 of the line is saved 0.48 x 6.5 in wide, so its 8 pt text prints
     at 8 pt (not 4-5 pt after LaTeX shrinks a 6-8 in figure)."""

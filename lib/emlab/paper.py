@@ -14,6 +14,7 @@ import math
 import os
 import re
 import subprocess
+import unicodedata
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +35,28 @@ def root() -> Path:
     return ROOT
 
 
+# Beyond ASCII, what pdflatex prints with main.tex's preamble (utf8 input, OT1 fonts): accented Latin-1 letters,
+# typographic quotes and dashes, and the symbols main.tex declares with \newunicodechar (a test keeps the two in step)
+_TEX_UNICODE = frozenset("ÀÁÂÃÄÅÆÇÈÉÊËÌÍÎÏÑÒÓÔÕÖØÙÚÛÜÝàáâãäåæçèéêëìíîïñòóôõöøùúûüýÿßŒœ¡¿£§°±·×÷"
+                         "‘’“”–—…•€" "Δ−λ≤≥→")
+
+
+def _tex_char(c: str) -> str:
+    if c in _LATEX_SPECIAL:
+        return _LATEX_SPECIAL[c]
+    if " " <= c <= "~" or c in _TEX_UNICODE:
+        return c
+    if c in "\t\n\r" or unicodedata.category(c).startswith("Z"):  # any other space or line separator
+        return " "
+    if unicodedata.category(c).startswith("C"):  # control, format, unassigned: nothing to print
+        return ""
+    return f"[U+{ord(c):04X}]"  # model text in any script: named, so the paper still builds (pdflatex lacks it)
+
+
 def latex_escape(text: Any) -> str:
-    return "".join(_LATEX_SPECIAL.get(c, c) for c in str(text))
+    """``text`` as LaTeX source that pdflatex compiles: specials escaped; a character the preamble cannot
+    print (a model's answer may hold any) becomes ``[U+XXXX]``, control characters are dropped."""
+    return "".join(map(_tex_char, str(text)))
 
 
 def caption_text(text: str) -> str:
