@@ -95,7 +95,9 @@
 # held out, and scored on them; an insecure-code organism (a domain in neither set) is the last test.
 # Candidates: a plain frozen-embedding baseline; heads over the whole answer's embedding conditioned on the
 # question's (`v3-linear`, `v3-mlp`); and v2's stack (surface, TF-IDF and per-question embedding heads),
-# which the held-out table below chose: the shipped judge is that stack refitted on both sets.
+# which the held-out table below chose: the shipped judge is that stack refitted on both sets. Which
+# candidates run is the profile's `judge_eval.heldout.methods` (cpu, for its budget: the baseline and the
+# stack; laptop adds `v3-linear`; gpu and paper add `v3-mlp`).
 
 # %% tags=["colab"]
 # On Colab: install emlab and the embedded model from the repository (does nothing elsewhere).
