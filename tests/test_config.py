@@ -23,6 +23,16 @@ def test_profiles_pick_the_documented_models():
     assert gpu.load_in_4bit and gpu.path.startswith("Qwen/Qwen2.5")
 
 
+@pytest.mark.parametrize("profile", config.PROFILES)
+def test_offline_profiles_judge_every_section_with_their_own_judge(profile):
+    """02 builds and evaluates the profile's judge (judge_eval.build); every other section must judge with that
+    one. laptop once judged §03 with cpu's smaller judge while its §02 described its own."""
+    judges = {section: getattr(config.load(cls, profile), "judge", None) for section, cls in config.experiments().items()}
+    offline = {s: j.model for s, j in judges.items() if j is not None and j.backend == "offline"}
+    assert profile in ("gpu", "paper") or len(offline) >= 5, offline
+    assert all(m == profile for m in offline.values()), offline
+
+
 def test_default_profile_is_cpu_and_env_selects(monkeypatch):
     monkeypatch.delenv("PROFILE", raising=False)
     assert config.load(DatasetsConfig).profile == "cpu"
