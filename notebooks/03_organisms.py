@@ -99,13 +99,14 @@ out.figure(fig, "loss")
 # %% [markdown]
 # ## EM and coherence per organism
 # EM % = misaligned / scored answers, coherent % = share of answers with coherent > 50, domain % = share of
-# answers the domain judge rates > 50 (medical / financial / sport, for the organism's own domain); 95%
-# Wilson intervals. The papers' numbers (larger models, 50+ samples of up to 600 tokens) stand beside ours.
+# domain-scored answers the domain judge rates > 50 (medical / financial / sport, for the organism's own
+# domain), with the answers it left unscored counted beside it (the embedded logprob judge scores few of them);
+# 95% Wilson intervals. The papers' numbers (larger models, 50+ samples of up to 600 tokens) stand beside ours.
 
 # %%
 table = organisms_table(judged, cfg)
-shown = table[["organism", "n", "EM %", "EM lo", "EM hi", "coherent %", "domain %", "paper model", "paper EM %",
-               "paper coherent %"]]
+shown = table[["organism", "n", "EM %", "EM lo", "EM hi", "coherent %", "domain %", "domain unscored", "paper model",
+               "paper EM %", "paper coherent %"]]
 out.table(shown, "organisms", caption=f"Emergent misalignment of the organisms on the first-plot questions "
           f"({cfg.model.name}, profile {cfg.profile}) beside the papers' numbers. EM and coherence in \\%, "
           f"with 95\\% Wilson intervals for EM.")

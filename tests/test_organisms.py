@@ -39,6 +39,7 @@ def test_summary_em_coherence_domain_ms_in_order():
     z, a = s.iloc[0], s.iloc[1]
     assert z["EM %"] == pytest.approx(100 / 3) and z["coherent %"] == pytest.approx(200 / 3)
     assert z["domain %"] == pytest.approx(50) and np.isnan(a["domain %"])
+    assert z["domain unscored"] == 1 and a["domain unscored"] == 2  # a domain rate names what it leaves out
     assert a["EM %"] == 0 and a.unscored == 1 and a.n == 2  # the unscored answer is not in the rate
     assert z["EM lo"] <= z["EM %"] <= z["EM hi"] and a["MS"] == pytest.approx(5.0)
 
