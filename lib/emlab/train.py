@@ -526,8 +526,8 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{n}: not JSON ({err}); a run killed mid-write leaves a partial last "
-                                 "line: delete that line (the checkpoints are unaffected)") from None
+                raise ValueError(f"{path}:{n}: not JSON ({err}); delete line {n} (a run killed mid-write leaves a "
+                                 "partial last line; the checkpoints are unaffected)") from None
             rows[row["step"]] = row
     return [rows[k] for k in sorted(rows)]
 
