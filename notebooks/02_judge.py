@@ -94,10 +94,11 @@
 # each candidate is fitted with a model family, a fine-tune domain, a whole source set or the base models
 # held out, and scored on them; an insecure-code organism (a domain in neither set) is the last test.
 # Candidates: a plain frozen-embedding baseline; heads over the whole answer's embedding conditioned on the
-# question's (`v3-linear`, `v3-mlp`); and v2's stack (surface, TF-IDF and per-question embedding heads),
+# question's (`v3-linear`, `v3-mlp`); a `cross-encoder` (MiniLM fine-tuned on CPU on question + answer
+# together, cut at 256 tokens); and v2's stack (surface, TF-IDF and per-question embedding heads),
 # which the held-out table below chose: the shipped judge is that stack refitted on both sets. Which
 # candidates run is the profile's `judge_eval.heldout.methods` (cpu, for its budget: the baseline and the
-# stack; laptop adds `v3-linear`; gpu and paper add `v3-mlp`).
+# stack; laptop adds `v3-linear` and the cross-encoder; gpu and paper run all five).
 
 # %% tags=["colab"]
 # On Colab: install emlab and the embedded model from the repository (does nothing elsewhere).
@@ -245,7 +246,7 @@ out.macros({
     "judgeBuildSeconds": float(meta["build_seconds"]),
 }, digits=2)
 out.macros({"judgeRows": int(meta["rows"]), "judgeHeldOutRows": int(rows or 0)}, digits=0)
-out.macros({"judgeShipped": shipped})
+out.macros({"judgeShipped": shipped, "judgeCandidates": ", ".join(methods)})
 
 # %% [markdown]
 # ## How much does the judge decide the result?
