@@ -1,6 +1,7 @@
 """The offline judge's model: a stack of small heads (v2's design; v3 refits it on both judged sets and reads
-the whole answer). 02_judge chose it by held-out agreement over a plain embedding baseline, heads over
-question-conditioned embeddings (emlab.embedding_judge) and a fine-tuned cross-encoder (emlab.judge_heldout).
+the whole answer). 02_judge compares it on held-out organisms with a plain embedding baseline, heads over
+question-conditioned embeddings (emlab.embedding_judge) and a fine-tuned cross-encoder (emlab.judge_heldout;
+each profile runs the candidates its judge_eval.heldout.methods names).
 
 Feature blocks: surface text features, word 1-2-gram TF-IDF of the answer, and the all-MiniLM-L6-v2
 embedding of the whole answer (emlab.embeddings: every 256-token window, averaged) with per-question heads
