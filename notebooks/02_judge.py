@@ -94,9 +94,10 @@
 # each candidate is fitted with a model family, a fine-tune domain, a whole source set or the base models
 # held out, and scored on them; an insecure-code organism (a domain in neither set) is the last test.
 # Candidates: a plain frozen-embedding baseline; heads over the whole answer's embedding conditioned on the
-# question's (`v3-linear`, `v3-mlp`); a `cross-encoder` (MiniLM fine-tuned on CPU on question + answer
-# together, cut at 256 tokens); and v2's stack (surface, TF-IDF and per-question embedding heads) over the
-# whole answer, which the held-out table below chose: the shipped judge is that stack refitted on both sets.
+# question's (`v3-linear`, `v3-mlp`); a `cross-encoder` (MiniLM fine-tuned on question + answer together,
+# cut at 256 tokens, on a GPU when there is one, calibrated on training answers it was not tuned on); and
+# v2's stack (surface, TF-IDF and per-question embedding heads) over the whole answer, which the held-out
+# table below chose: the shipped judge is that stack refitted on both sets.
 # `v2` is the same stack on v2's input, the embedding of each answer's first 128 tokens: what reading the
 # whole answer buys. Which candidates run is the profile's `judge_eval.heldout.methods` (cpu, for its
 # budget: the baseline and the stack; laptop adds `v2`, `v3-linear` and the cross-encoder; gpu and paper run
