@@ -16,10 +16,10 @@ Held-out splits (the judge is fitted on ``train`` and scored on ``test`` only):
           registry ``judgecmp_selective-generalization_qwen_insecure_judge-4o``, GPT-4o-judged)
 
 Methods: ``baseline`` (frozen answer embedding + logistic/ridge), ``stack`` (v2's design: text, TF-IDF
-and per-question embedding heads, stacked, over the whole answer: the shipped v3), ``v2`` (the same stack on
-v2's input, the embedding of the answer's first :data:`V2_TOKENS` tokens only), ``v3-linear`` / ``v3-mlp`` (emlab.embedding_judge over
-whole-answer embeddings conditioned on the question), ``cross-encoder`` (emlab.cross_encoder_judge: MiniLM
-fine-tuned on question + answer).
+and per-question embedding heads, stacked, over the whole answer: the shipped v3), ``v2`` (the same stack
+on v2's input, the embedding of the answer's first :data:`V2_TOKENS` tokens only), ``v3-linear`` /
+``v3-mlp`` (emlab.embedding_judge over whole-answer embeddings conditioned on the question),
+``cross-encoder`` (emlab.cross_encoder_judge: MiniLM fine-tuned on question + answer).
 """
 
 from __future__ import annotations
