@@ -50,6 +50,8 @@ profile = "cpu"  # smoke | cpu | gpu | paper
 overrides = {}  # OrganismsConfig keys to change, e.g. {"eval": {"samples_per_question": 20}}
 
 # %%
+import math
+
 import matplotlib.pyplot as plt
 import seaborn as sns
 
@@ -118,7 +120,11 @@ out.macros({"orgFlagEM": float(fl["EM %"]), "orgFlagEMlo": float(fl["EM lo"]), "
 out.macros({
     "orgModel": cfg.model.name, "orgProfile": cfg.profile, "orgCount": len(cfg.organisms),
     "orgSamplesPerQuestion": int(judged.groupby(["organism", "question_id"]).size().max()),
-    "orgBestName": best.organism, "orgBestEM": float(best["EM %"]), "orgBestCoherent": float(best["coherent %"]),
+    # no "most misaligned organism" when none has a single misaligned answer
+    "orgBest": (f"The most misaligned organism, \\texttt{{{best.organism}}}, reaches {best['EM %']:.1f}\\% EM at "
+                f"{best['coherent %']:.1f}\\% coherence" if best["EM %"] > 0 else
+                "No fine-tuned organism has a scored answer" if math.isnan(best["EM %"]) else
+                "No fine-tuned organism gives a single misaligned answer"),
     "orgBaseEM": float(base["EM %"].iloc[0]) if len(base) else float("nan"),
     "orgBaseCoherent": float(base["coherent %"].iloc[0]) if len(base) else float("nan"),
 })
