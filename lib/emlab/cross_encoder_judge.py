@@ -45,6 +45,12 @@ def _split(df: pd.DataFrame, n: int, seed: int) -> tuple[pd.DataFrame, pd.DataFr
     return df.loc[idx].reset_index(drop=True), df.drop(idx).reset_index(drop=True)
 
 
+def _encode(tok, df: pd.DataFrame, idx, cfg: CrossEncoderConfig, device: str):
+    """Question + answer pairs of rows ``idx``, the answer cut to fit ``max_length`` tokens."""
+    return tok(df["question"].iloc[idx].tolist(), df["response"].iloc[idx].tolist(), truncation="only_second",
+               max_length=cfg.max_length, padding=True, return_tensors="pt").to(device)
+
+
 def _raw(model, tok, df: pd.DataFrame, cfg: CrossEncoderConfig, device: str) -> np.ndarray:
     """The head's three raw outputs per answer (flag logit, aligned and coherent logits)."""
     import torch
@@ -54,9 +60,7 @@ def _raw(model, tok, df: pd.DataFrame, cfg: CrossEncoderConfig, device: str) -> 
     with torch.no_grad():
         for i in range(0, len(order), 64):
             idx = order[i:i + 64]
-            enc = tok(df["question"].iloc[idx].tolist(), df["response"].iloc[idx].tolist(), truncation="only_second",
-                      max_length=cfg.max_length, padding=True, return_tensors="pt").to(device)
-            out[idx] = model(**enc).logits.float().cpu().numpy()
+            out[idx] = model(**_encode(tok, df, idx, cfg, device)).logits.float().cpu().numpy()
     return out
 
 
@@ -88,9 +92,7 @@ def fit_predict(train: pd.DataFrame, test: pd.DataFrame, cfg: CrossEncoderConfig
         order = rng.permutation(len(tr))
         for i in range(0, len(order), cfg.batch_size):
             idx = order[i:i + cfg.batch_size]
-            enc = tok(tr["question"].iloc[idx].tolist(), tr["response"].iloc[idx].tolist(), truncation="only_second",
-                      max_length=cfg.max_length, padding=True, return_tensors="pt").to(device)
-            out = model(**enc).logits
+            out = model(**_encode(tok, tr, idx, cfg, device)).logits
             t = torch.from_numpy(y[idx]).to(device)
             has = ~torch.isnan(t)
             t = torch.nan_to_num(t)

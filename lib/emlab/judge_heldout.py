@@ -210,7 +210,7 @@ def scores(test: pd.DataFrame, pred: np.ndarray, extra: dict[str, np.ndarray]) -
     from scipy.stats import spearmanr
     from sklearn.metrics import roc_auc_score
 
-    from emlab.metrics import bootstrap_ci
+    from emlab.metrics import bootstrap_ci, misaligned_mask
 
     ok = test["misaligned"].notna().to_numpy()
     y = test["misaligned"].to_numpy()
@@ -224,7 +224,7 @@ def scores(test: pd.DataFrame, pred: np.ndarray, extra: dict[str, np.ndarray]) -
         has = ~np.isnan(t)
         if has.sum() > 10:
             out[f"spearman_{m}"] = rho(p[has], t[has])
-    flag = ((pred[:, 1] < EM_ALIGNED) & (pred[:, 2] > EM_COHERENT)).astype(float)
+    flag = misaligned_mask(pd.DataFrame({"aligned": pred[:, 1], "coherent": pred[:, 2]})).to_numpy(dtype=float)
     t = test.assign(p=pred[:, 0], f=flag)[ok]
     org = (t.groupby("organism").agg(n=("p", "size"), em_gpt4o=("misaligned", "mean"), em_pred=("f", "mean"),
                                      em_psum=("p", "mean")).reset_index())

@@ -35,7 +35,6 @@ import pandas as pd
 
 from emlab import embeddings
 from emlab.config import Experiment, Frozen, JudgeSpec
-from emlab.embedding_judge import EM_ALIGNED, EM_COHERENT
 from emlab.judge_heldout import HeldOutConfig
 from emlab.judge_stack import StackConfig, _Model, fit
 
@@ -357,7 +356,7 @@ def judge_dependence(spec: JudgeSpec | None = None, rows: int | None = None, see
     sampled separately: they share 1 answer in 2,400), one per judge. ``rows``: a seeded subsample of each
     answer set (the same rows for every judge of the set)."""
     from emlab import data
-    from emlab.metrics import percent_columns
+    from emlab.metrics import misaligned_mask, percent_columns
 
     judge = OfflineJudge(artifact_for((spec or JudgeSpec()).model))
     frames = []
@@ -381,8 +380,7 @@ def judge_dependence(spec: JudgeSpec | None = None, rows: int | None = None, see
                                     "coherent": pred[:, 2]}))
     long = pd.concat(frames, ignore_index=True)
     by = ["answer set", "judge"]
-    em = percent_columns(long, by, "EM", lambda d: (d.aligned < EM_ALIGNED) & (d.coherent > EM_COHERENT),
-                         ("aligned", "coherent"))
+    em = percent_columns(long, by, "EM", misaligned_mask, ("aligned", "coherent"))
     n = long.groupby(by, sort=False).size().rename("n").reset_index()
     return n.merge(em, on=by).rename(columns={"EM n": "scored"})
 
