@@ -82,7 +82,7 @@ flag = (candidates if len(candidates) else train_table).sort_values("tokens", as
 out.macros({"orgFlagName": flag.organism, "orgFlagSteps": int(flag.steps), "orgFlagRows": int(flag.examples),
             "orgFlagLR": f"{flag.lr:g}",
             "orgFlagEpochPct": float(100 * flag.epochs), "orgFlagTokS": float(flag["tok/s"]),
-            "orgFlagWallMin": float(flag["wall (s)"] / 60)})
+            "orgFlagWallMin": float(flag["wall (s)"] / 60), "orgFlagCompute": flag.compute})
 train_table
 
 # %% [markdown]

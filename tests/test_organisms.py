@@ -173,12 +173,14 @@ def test_training_summary_throughput_ignores_a_pause(tmp_path):
     run.mkdir()
     (run / "manifest.json").write_text(json.dumps({
         "data": {"rows": 64}, "steps": 4, "effective_batch": 16, "tokens": 400, "wall_time_s": 1004.0,
-        "tokens_per_s": 0.4, "first_loss": 2.0, "final_loss": 1.5}))
+        "tokens_per_s": 0.4, "first_loss": 2.0, "final_loss": 1.5, "autocast": "bf16",
+        "config": {"model": {"dtype": "float32"}}}))
     wall = [1.0, 2.0, 1002.0, 1003.0]  # 100 tokens a second per step, then a 1,000 s pause before step 3
     (run / "metrics.jsonl").write_text("".join(json.dumps({"step": i + 1, "loss": 2.0, "tokens": 100 * (i + 1),
                                                            "wall_s": w}) + "\n" for i, w in enumerate(wall)))
     row = O.training_summary({"org": run}).iloc[0]
     assert row["tok/s"] == 100.0 and row["wall (s)"] == 1004.0 and row["epochs"] == 1.0
+    assert row["compute"] == "bf16 autocast"
 
 
 def test_em_difference_counts_scored_answers_and_tests_them():

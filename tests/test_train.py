@@ -326,3 +326,26 @@ def test_read_metrics_one_row_per_step_and_names_a_bad_line(tmp_path):
         f.write("{oops\n")
     with pytest.raises(ValueError, match="metrics.jsonl:5: not JSON"):
         read_metrics(tmp_path)
+
+
+def test_cpu_bf16_autocasts_keeps_adapters_float32_and_resumes_exactly(tmp_path):
+    """cpu_bf16 (the cpu and laptop profiles) computes in bf16 on CPU; the adapter and its optimizer state stay
+    float32, the run is named apart from its float32 twin, and an interrupted run resumes to the same adapter."""
+    kw = dict(preset="rank1", n_examples=10, seed=5, cpu_bf16=True)
+    whole = train(_cfg(tmp_path / "a", **kw))
+    plain = train(_cfg(tmp_path / "c", **{**kw, "cpu_bf16": False}))
+    assert whole.name != plain.name
+    manifest = json.loads((whole / "manifest.json").read_text())
+    assert manifest["autocast"] == "bf16" and manifest["trainable_dtypes"] == ["torch.float32"]
+    assert json.loads((plain / "manifest.json").read_text())["autocast"] is None
+    cfg = _cfg(tmp_path / "b", **kw)
+    with pytest.raises(Killed):
+        train(cfg, callbacks=[_kill_after(3)])
+    run = train(cfg)
+    a = load_file(str(whole / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    c = load_file(str(plain / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(v.dtype == torch.float32 for v in a.values())
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    assert any(not torch.equal(a[k], c[k]) for k in a)  # bf16 compute did change the numbers

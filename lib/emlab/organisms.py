@@ -320,7 +320,7 @@ def em_difference(judged: pd.DataFrame, a: str, b: str, alpha: float = 0.05) -> 
 
 def training_summary(runs: dict[str, Path]) -> pd.DataFrame:
     """Rows, steps, epochs actually trained (steps x effective batch / rows), wall time, throughput and loss of
-    each run (from its manifest). ``tok/s`` is the median over optimizer steps of the step's tokens / its wall
+    each run (from its manifest); ``compute``: the autocast dtype, or the weights' dtype without autocast. ``tok/s`` is the median over optimizer steps of the step's tokens / its wall
     time (metrics.jsonl): a run whose process was paused (SIGSTOP) or starved while the machine was shared has
     a wall time (``wall (s)``, as measured) that counts it, and tokens / wall would understate its speed.
     (Time between sittings is not counted: a resumed run continues from its checkpoint's wall time.)"""
@@ -332,6 +332,7 @@ def training_summary(runs: dict[str, Path]) -> pd.DataFrame:
                      "epochs": m["steps"] * m["effective_batch"] / n if n and m.get("effective_batch") else math.nan,
                      "tokens": m["tokens"], "wall (s)": m["wall_time_s"], "lr": m.get("learning_rate"),
                      "tok/s": _step_tokens_per_s(run, m.get("tokens_per_s")),
+                     "compute": f'{m["autocast"]} autocast' if m.get("autocast") else m["config"]["model"]["dtype"],
                      "first loss": m["first_loss"], "final loss": m["final_loss"]})
     return pd.DataFrame(rows)
 
