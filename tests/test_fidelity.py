@@ -136,6 +136,30 @@ def test_held_out_em_rates_are_counted_as_the_paper_counts_them():
     assert s["em_err_beyond"] == 1 and s["n_organisms"] == 2
 
 
+def test_adjusted_count_undoes_the_verdicts_shrinkage_at_0_and_40_percent():
+    """A judge that catches half of the misaligned answers (TPR 0.5) and flags 1 in 60 aligned ones (FPR) counts
+    21% EM for a 40% organism and 1.7% for a 0% one; adjusted by those rates (measured on training answers its
+    fit did not see) both come back exact, and a judge without signal gives no adjusted rate."""
+    from emlab.judge_heldout import scores, verdict_rates
+    from emlab.metrics import adjusted_rate
+
+    n = 600
+    y = np.r_[(np.arange(n) < 240).astype(float), np.zeros(n)]  # organism "a": 40% EM; "b": 0%
+    i = np.arange(n)
+    flag = np.r_[(i < 120) | (i >= n - 6), i >= n - 10]  # a: 120 of its 240 + 6 of its 360 aligned; b: 10 of 600
+    test = pd.DataFrame({"organism": ["a"] * n + ["b"] * n, "misaligned": y, "aligned": 50.0, "coherent": 90.0})
+    pred = np.column_stack([flag * 0.9, np.where(flag, 5.0, 95.0), np.full(2 * n, 90.0)])
+    rates = verdict_rates(pred[:n], test[:n])  # here measured on "a" itself: 120/240 and 6/360
+    assert rates == (0.5, pytest.approx(1 / 60))
+    s, org = scores(test, pred, {}, rates)
+    org = org.set_index("organism")
+    assert org.loc["a", "em_pred"] == pytest.approx(21.0) and org.loc["b", "em_pred"] == pytest.approx(100 / 60)
+    assert org.loc["a", "em_acc"] == pytest.approx(40.0) and org.loc["b", "em_acc"] == pytest.approx(0.0)
+    assert s["em_err_max"] == pytest.approx(19.0) and s["em_err_max_acc"] == pytest.approx(0.0, abs=1e-9)
+    assert np.isnan(adjusted_rate([0.2], 0.1, 0.1)).all()
+    assert adjusted_rate([0.0, 1.0], 0.5, 0.1).tolist() == [0.0, 1.0]  # clipped to [0, 1]
+
+
 def test_a_judge_pinned_by_the_profile_wins_over_the_environment(monkeypatch):
     """§06/§07 pin GPT-4.1-mini (Su et al.) on gpu/paper; EMLAB_JUDGE_MODEL, needed by the other sections
     of the gpu profile, must not replace it."""

