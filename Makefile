@@ -68,6 +68,13 @@ endif
 $(BUILD)/%.ipynb: notebooks/%.py $(LIB) data/registry.yaml build/profile.stamp | $(PY)
 	$(PY) -m emlab.notebooks run $* --profile $(PROFILE) --launcher $(LAUNCHER)
 
+# §03's organisms train in a process of their own first (`make train`; the notebook then reuses the finished
+# runs by config digest): inside the notebook's Jupyter kernel the same optimizer steps ran at ~0.75x the
+# tokens/s (cpu flagship, 2026-12-02). Other launchers train where the notebook runs.
+$(BUILD)/03_organisms.ipynb: notebooks/03_organisms.py $(LIB) data/registry.yaml build/profile.stamp | $(PY)
+	$(if $(filter local,$(LAUNCHER)),$(PY) -m emlab.cli train --profile $(PROFILE))
+	$(PY) -m emlab.notebooks run 03_organisms --profile $(PROFILE) --launcher $(LAUNCHER)
+
 # The title page names profile, model and commit: rebuilt when a notebook ran, a paper source or the commit changed.
 paper/generated/build_info.tex: $(EXECUTED) $(PAPER_SRC) build/profile.stamp build/git.stamp
 	@$(PY) -m emlab.paper $(PROFILE) && touch $@
