@@ -66,9 +66,12 @@ def test_runtimes_table_reads_papermill_metadata(tmp_path):
     times = paper.notebook_times("cpu", runs)
     assert times.notebook.tolist() == ["01_datasets", "03_organisms"]
     assert times["wall s"].tolist() == [12.4, 300.0] and times.finished[0] == "2026-11-23 17:00:00"
+    paper.record_train_time("cpu", 1000.0, runs)  # make train, before §03: counted in the build's time
+    times = paper.notebook_times("cpu", runs)
+    assert times.notebook.tolist() == ["01_datasets", "03_organisms (train)", "03_organisms"]
     paper.write_build_info("cpu", base=tmp_path, build_dir=runs)
     tex = (tmp_path / "paper/generated/build/runtimes.tex").read_text()
-    assert r"03\_organisms & 300" in tex and "total & 312" in tex and r"\label{tab:build:runtimes}" in tex
+    assert r"03\_organisms & 300" in tex and "total & 1312" in tex and r"\label{tab:build:runtimes}" in tex
 
 
 def test_captions_escape_run_time_names_but_keep_latex():

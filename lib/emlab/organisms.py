@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -540,6 +541,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    start = time.time()
     for cfg in cfgs:
         print(train(cfg), flush=True)
+    if args.profile and not args.only:  # the whole grid: a build step (make train), timed like the notebooks
+        from emlab.paper import record_train_time
+
+        record_train_time(args.profile, time.time() - start)
     return 0

@@ -247,18 +247,36 @@ def git_commit() -> str:
         return "unknown"
 
 
-def notebook_times(profile: str, build_dir: Path | None = None) -> pd.DataFrame:
-    """Wall time of each executed notebook's last run, from papermill's own metadata in
-    ``build/<profile>/NN_name.ipynb`` (a re-run that reuses cached runs and verdicts is fast)."""
+TRAIN_STEP = "train.json"  # build/<profile>/: the last `emlab train --profile` (make runs it before §03)
+
+
+def record_train_time(profile: str, seconds: float, build_dir: Path | None = None) -> Path:
+    """Note the wall time of ``emlab train --profile``, a build step outside the notebooks, for the run-time table."""
+    import datetime
     import json
 
+    path = Path(build_dir or ROOT / "build" / profile) / TRAIN_STEP
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"duration": seconds, "end_time": datetime.datetime.now().isoformat()}))
+    return path
+
+
+def notebook_times(profile: str, build_dir: Path | None = None) -> pd.DataFrame:
+    """Wall time of each executed notebook's last run, from papermill's own metadata in
+    ``build/<profile>/NN_name.ipynb`` (a re-run that reuses cached runs and verdicts is fast), and of the
+    last ``emlab train --profile`` (row ``03_organisms (train)``, before the notebook that reuses its runs)."""
+    import json
+
+    build = Path(build_dir or ROOT / "build" / profile)
     rows = []
-    for nb in sorted(Path(build_dir or ROOT / "build" / profile).glob("[0-9][0-9]_*.ipynb")):
-        if nb.name.endswith((".partial.ipynb", ".source.ipynb")):
-            continue
-        meta = json.loads(nb.read_text()).get("metadata", {}).get("papermill", {})
+    steps = [(nb.stem, json.loads(nb.read_text()).get("metadata", {}).get("papermill", {}))
+             for nb in sorted(build.glob("[0-9][0-9]_*.ipynb"))
+             if not nb.name.endswith((".partial.ipynb", ".source.ipynb"))]
+    if (build / TRAIN_STEP).exists():
+        steps.append(("03_organisms (train)", json.loads((build / TRAIN_STEP).read_text())))
+    for name, meta in sorted(steps, key=lambda s: (s[0][:2], "(train)" not in s[0])):
         finished = (meta.get("end_time") or "")[:19].replace("T", " ")
-        rows.append({"notebook": nb.stem, "wall s": meta.get("duration"), "finished": finished})
+        rows.append({"notebook": name, "wall s": meta.get("duration"), "finished": finished})
     return pd.DataFrame(rows, columns=["notebook", "wall s", "finished"])
 
 
@@ -287,8 +305,9 @@ def write_build_info(profile: str, base: Path | None = None, build_dir: Path | N
     total = pd.DataFrame([{"notebook": "total", "wall s": times["wall s"].sum(), "finished": ""}])
     Section("build", base=base).table(
         pd.concat([times, total], ignore_index=True), "runtimes", digits=0,
-        caption=f"Wall time of each notebook's last execution (profile {profile}, {os.cpu_count()} CPU cores "
-                "visible); a re-run reuses cached training runs, samples and judge verdicts.")
+        caption=f"Wall time of each notebook's last execution and of the training before §03 (make train; "
+                f"profile {profile}, {os.cpu_count()} CPU cores visible); a re-run reuses cached training runs, "
+                "samples and judge verdicts.")
     return path
 
 
