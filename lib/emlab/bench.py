@@ -83,10 +83,11 @@ class _RssSampler:
 
 
 def _measure(spec_json: dict, preset: str, batch: int, seq_len: int, steps: int, warmup: int,
-             grad_accum: int = 1) -> dict[str, Any]:
+             grad_accum: int = 1, cpu_bf16: bool = False) -> dict[str, Any]:
     """One row: load the model, apply the preset, time ``steps`` optimizer steps of ``batch`` × ``grad_accum``
     sequences (run in a fresh process). On a GPU the optimizer is bitsandbytes' 8-bit AdamW (the papers'
-    ``adamw_8bit``) with gradient checkpointing and bf16 autocast, as :func:`emlab.train.train` runs it."""
+    ``adamw_8bit``) with gradient checkpointing and bf16 autocast, as :func:`emlab.train.train` runs it;
+    ``cpu_bf16``: bf16 autocast on CPU too (``train.cpu_bf16``, the cpu and laptop profiles)."""
     import torch
 
     from emlab import models
@@ -119,11 +120,11 @@ def _measure(spec_json: dict, preset: str, batch: int, seq_len: int, steps: int,
     device = next(p.device for p in model.parameters() if p.device.type != "meta")
     vocab = model.get_input_embeddings().num_embeddings
     ids = torch.randint(0, min(vocab, 32000), (batch, seq_len), device=device)
-    dtype = models.gpu_compute_dtype() if cuda else torch.float32
+    dtype = models.gpu_compute_dtype() if cuda else torch.bfloat16 if cpu_bf16 else torch.float32
 
     def step():
         for _ in range(grad_accum):
-            with torch.autocast("cuda", dtype=dtype, enabled=cuda):
+            with torch.autocast(device.type, dtype=dtype, enabled=cuda or cpu_bf16):
                 loss = model(input_ids=ids, labels=ids).loss / grad_accum
             loss.backward()
         opt.step()
@@ -142,7 +143,7 @@ def _measure(spec_json: dict, preset: str, batch: int, seq_len: int, steps: int,
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
     tok_s = batch * grad_accum * seq_len * steps / dt
-    quant = "nf4" if spec.load_in_4bit else str(dtype).removeprefix("torch.")
+    quant = "nf4" if spec.load_in_4bit else str(dtype).removeprefix("torch.") + (" autocast" if cpu_bf16 else "")
     row = {"device": torch.cuda.get_device_name() if cuda else f"cpu ({os.cpu_count()} cores)",
            "model": spec.name, "params_M": round(n_params / 1e6, 1), "preset": preset, "quant": quant,
            "optimizer": type(opt).__name__, "trainable_M": round(sum(p.numel() for p in params) / 1e6, 3),
@@ -210,8 +211,9 @@ def bench_train(device: str = "all", *, steps: int = 2, warmup: int = 1, cpu_bat
     if device in ("cpu", "all"):
         spec = ModelSpec(name="SmolLM2-135M-Instruct", source="embedded", dtype="float32")
         for preset in presets or CPU_PRESETS:
-            log.info("bench cpu %s", preset)
-            add(_in_fresh_process(spec.model_dump(), preset, cpu_batch, cpu_seq, steps, warmup))
+            for bf16 in (False, True) if preset == "rank1" else (False,):  # rank1: the cpu flagship's preset
+                log.info("bench cpu %s%s", preset, " (bf16 autocast)" if bf16 else "")
+                add(_in_fresh_process(spec.model_dump(), preset, cpu_batch, cpu_seq, steps, warmup, 1, bf16))
     if device in ("gpu", "all"):
         if not torch.cuda.is_available():
             log.warning("bench gpu: no CUDA device here, skipped (run `make bench-train` on a GPU machine)")
