@@ -157,9 +157,6 @@ cols = {"method": "method", "split": "split", "held out": "held out", "n": "n", 
         "em_err_max": "max |EM err|", "em_err_mean_abs": "mean |EM err|", "em_bias": "EM bias",
         "em_err_max_psum": "max |EM err| P-sum", "em_err_max_acc": "max |EM err| ACC", "acc_bias": "ACC bias",
         "em_err_beyond": "off > 3", "n_organisms": "organisms", "fit s": "fit (s)"}
-keys = ["method", "split", "held out"]
-bias = organisms.groupby(keys, sort=False)[["err", "err_acc"]].mean().set_axis(["em_bias", "acc_bias"], axis=1)
-summary = summary.merge(bias.reset_index(), on=keys)
 table = summary[list(cols)].rename(columns=cols)
 rows = cfg.heldout.rows_per_organism
 out.table(table, "heldout_agreement", digits=2,

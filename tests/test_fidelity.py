@@ -156,6 +156,7 @@ def test_adjusted_count_undoes_the_verdicts_shrinkage_at_0_and_40_percent():
     assert org.loc["a", "em_pred"] == pytest.approx(21.0) and org.loc["b", "em_pred"] == pytest.approx(100 / 60)
     assert org.loc["a", "em_acc"] == pytest.approx(40.0) and org.loc["b", "em_acc"] == pytest.approx(0.0)
     assert s["em_err_max"] == pytest.approx(19.0) and s["em_err_max_acc"] == pytest.approx(0.0, abs=1e-9)
+    assert s["em_bias"] == pytest.approx((-19.0 + 100 / 60) / 2) and s["acc_bias"] == pytest.approx(0.0, abs=1e-9)
     assert np.isnan(adjusted_rate([0.2], 0.1, 0.1)).all()
     assert adjusted_rate([0.0, 1.0], 0.5, 0.1).tolist() == [0.0, 1.0]  # clipped to [0, 1]
 
