@@ -231,6 +231,20 @@ def test_judge_dependence_puts_every_api_judge_beside_ours(artifact, monkeypatch
     assert ((t["EM lo"] <= t["EM %"]) & (t["EM %"] <= t["EM hi"])).all() and (t.scored <= t.n).all()
 
 
+def test_cross_encoder_always_keeps_answers_to_calibrate_on():
+    """A training set smaller than the fine-tune's ``rows`` (one source set, or the Qwen family held out) once went
+    wholly into the fine-tune and came back uncalibrated; now a fifth (up to calibration_rows) always stays out."""
+    from emlab.cross_encoder_judge import CrossEncoderConfig, _split
+
+    df = pd.DataFrame({"organism": np.repeat(["a", "b"], 50), "response": [f"r{i}" for i in range(100)]})
+    for cfg, fit in ((CrossEncoderConfig(), 80), (CrossEncoderConfig(rows=40), 40),
+                     (CrossEncoderConfig(calibration_rows=10), 90)):
+        tr, cal = _split(df, cfg)
+        assert (len(tr), len(cal)) == (fit, 100 - fit)
+        assert set(tr.response) | set(cal.response) == set(df.response) and not set(tr.response) & set(cal.response)
+        assert tr.organism.value_counts().tolist() == [fit // 2] * 2  # equal per organism
+
+
 def test_cross_encoder_learns_which_answers_are_misaligned():
     from emlab.cross_encoder_judge import CrossEncoderConfig, fit_predict
 

